@@ -1,0 +1,205 @@
+"""Which tensor/pipeline-parallel layouts a plan can be sharded into, and how layers split into stages.
+
+The rules are megatron-core 0.16.1's own (checked against its source, not assumed):
+  - attention heads must divide by TP, and a layer's KV groups must be a multiple *or a divisor* of TP
+    (with fewer groups than TP, megatron all-gathers QKV; see megatron/core/transformer/attention.py);
+    the interleaved QKV rows must also split evenly into TP chunks;
+  - a SwiGLU width must divide by TP (gate and up are split separately);
+  - a linear replacement is column-parallel H -> H/TP, so H must divide by TP;
+  - the vocabulary is padded up to a multiple of 128*TP (`make_vocab_size_divisible_by` = 128);
+  - PP needs at least one layer per stage. Stages are balanced by parameters and expressed in megatron's
+    own terms: `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage`, with the layers in
+    between split evenly over the middle stages.
+Every violation is reported, not only the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .plan import GQA, LINEAR, SWIGLU, ModelPlan
+
+VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron's padding: round vocab up to a multiple of divisible_by * TP."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Violation:
+    layer: int | None  # None for model-level problems
+    tensor: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else "model"
+        return f"{where}: {self.tensor}: {self.reason}"
+
+
+@dataclass
+class PipelineSplit:
+    """Layers per stage, and megatron's way of saying it (None = megatron's even split)."""
+
+    layers_per_stage: list[int]
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
+    params_per_stage: list[int] = field(default_factory=list)
+
+    def stage_ranges(self) -> list[range]:
+        out, start = [], 0
+        for n in self.layers_per_stage:
+            out.append(range(start, start + n))
+            start += n
+        return out
+
+    def stage_of_layer(self, layer: int) -> int:
+        for stage, r in enumerate(self.stage_ranges()):
+            if layer in r:
+                return stage
+        raise IndexError(layer)
+
+
+@dataclass
+class LayoutReport:
+    tp: int
+    pp: int
+    padded_vocab_size: int
+    violations: list[Violation]
+    split: PipelineSplit | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def message(self) -> str:
+        head = f"layout TP={self.tp} PP={self.pp} is not possible ({len(self.violations)} problems):"
+        return "\n".join([head] + [f"  - {v}" for v in self.violations])
+
+
+class LayoutError(ValueError):
+    def __init__(self, report: LayoutReport):
+        super().__init__(report.message())
+        self.report = report
+
+
+def tp_violations(plan: ModelPlan, tp: int) -> list[Violation]:
+    out: list[Violation] = []
+    h, heads = plan.hidden_size, plan.num_attention_heads
+    if tp < 1:
+        return [Violation(None, "tensor_parallel", f"TP must be >= 1, got {tp}")]
+    if heads % tp:
+        out.append(Violation(None, "num_attention_heads", f"{heads} heads are not divisible by TP={tp}"))
+    for layer in plan.layers:
+        i = layer.index
+        if layer.attention.kind == GQA:
+            ng = layer.attention.num_kv_heads
+            if ng % tp and tp % ng:
+                out.append(Violation(i, "self_attention.linear_qkv",
+                                     f"{ng} KV heads is neither a multiple nor a divisor of TP={tp}"))
+            elif plan.qkv_rows(layer) % tp:
+                out.append(Violation(i, "self_attention.linear_qkv",
+                                     f"{plan.qkv_rows(layer)} QKV rows do not split into TP={tp} chunks"))
+        elif layer.attention.kind == LINEAR and h % tp:
+            out.append(Violation(i, "self_attention (linear replacement)",
+                                 f"hidden size {h} is not divisible by TP={tp}"))
+        if layer.ffn.kind == SWIGLU and layer.ffn.width % tp:
+            out.append(Violation(i, "mlp.linear_fc1",
+                                 f"FFN width {layer.ffn.width} is not divisible by TP={tp}"))
+        elif layer.ffn.kind == LINEAR and h % tp:
+            out.append(Violation(i, "mlp (linear replacement)", f"hidden size {h} is not divisible by TP={tp}"))
+    return out
+
+
+class _StageCost:
+    """Parameters per stage from prefix sums, so trying every split stays cheap for 162-layer models."""
+
+    def __init__(self, plan: ModelPlan):
+        self.prefix = [0]
+        for layer in plan.layers:
+            self.prefix.append(self.prefix[-1] + plan.layer_parameters(layer)["total"])
+        self.emb = plan.vocab_size * plan.hidden_size
+        self.tail = plan.hidden_size + (0 if plan.tie_word_embeddings else self.emb)
+
+    def __call__(self, counts: list[int]) -> list[int]:
+        out, start = [], 0
+        for n in counts:
+            out.append(self.prefix[start + n] - self.prefix[start])
+            start += n
+        out[0] += self.emb
+        out[-1] += self.tail
+        return out
+
+
+def pipeline_split(plan: ModelPlan, pp: int, first: int | None = None, last: int | None = None) -> PipelineSplit:
+    """Balance stages by parameters (embedding on the first stage, output layer on the last).
+
+    Megatron can only make the first and last stage different; so try every (first, last) for which the
+    middle divides evenly and keep the one with the smallest largest stage. Explicit first/last are honoured.
+    """
+    n, cost = plan.num_layers, _StageCost(plan)
+    if pp == 1:
+        return PipelineSplit([n], params_per_stage=cost([n]))
+    if n < pp:
+        raise ValueError(f"{n} layers cannot fill {pp} pipeline stages")
+    candidates = []
+    for f in ([first] if first is not None else range(1, n - pp + 2)):
+        for l in ([last] if last is not None else range(1, n - f - (pp - 2) + 1)):
+            middle = n - f - l
+            if pp == 2:
+                if middle != 0:
+                    continue
+                counts = [f, l]
+            else:
+                if middle < pp - 2 or middle % (pp - 2):
+                    continue
+                counts = [f] + [middle // (pp - 2)] * (pp - 2) + [l]
+            candidates.append((max(cost(counts)), counts))
+    if not candidates:
+        raise ValueError(f"no pipeline split of {n} layers into {pp} stages with first={first} last={last}")
+    even = [n // pp] * pp if n % pp == 0 else None
+    best = min(candidates, key=lambda c: (c[0], c[1] != even))[1]
+    if best == even:  # megatron's default split already is the best one; say nothing special
+        return PipelineSplit(best, params_per_stage=cost(best))
+    return PipelineSplit(best, best[0], best[-1], cost(best))
+
+
+def check_layout(plan: ModelPlan, tp: int = 1, pp: int = 1) -> LayoutReport:
+    violations = tp_violations(plan, tp)
+    split = None
+    if pp < 1:
+        violations.append(Violation(None, "pipeline_parallel", f"PP must be >= 1, got {pp}"))
+    elif plan.num_layers < pp:
+        violations.append(Violation(None, "pipeline_parallel",
+                                    f"{plan.num_layers} layers cannot fill PP={pp} stages"))
+    else:
+        split = pipeline_split(plan, pp)
+    if plan.rope_scaling is not None:
+        rs = plan.rope_scaling
+        # megatron-core hard-codes these three llama3 constants; a config with others cannot be represented.
+        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, want in fixed.items():
+            if float(rs[key]) != want:
+                violations.append(Violation(None, f"rope_scaling.{key}",
+                                            f"{rs[key]} differs from megatron-core's fixed {want}"))
+    return LayoutReport(tp, pp, padded_vocab_size(plan.vocab_size, tp), violations, split)
+
+
+def require_layout(plan: ModelPlan, tp: int = 1, pp: int = 1) -> LayoutReport:
+    report = check_layout(plan, tp, pp)
+    if not report.ok:
+        raise LayoutError(report)
+    return report
+
+
+def feasible_layouts(plan: ModelPlan, max_gpus: int = 64) -> list[tuple[int, int]]:
+    """All (TP, PP) with TP a power of two up to 8 and TP*PP <= max_gpus that pass check_layout."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp_violations(plan, tp):
+            continue
+        for pp in range(1, min(plan.num_layers, max_gpus // tp) + 1):
+            out.append((tp, pp))
+    return out
