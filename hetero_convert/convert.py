@@ -1,0 +1,493 @@
+"""HF safetensors <-> Megatron torch_dist, streaming, one tensor chunk at a time.
+
+hf_to_megatron:  config.json -> plan -> bound mappings -> check every source tensor against the plan ->
+                 write each Megatron chunk (TP/PP layout as a Megatron run would) through DCP -> description
+                 and metadata -> atomic rename.
+megatron_to_hf:  description (ours, or a training run's args) -> plan -> check every stored key -> load one
+                 Megatron tensor at a time, cut it into HF tensors -> streaming safetensors shards + index,
+                 config.json with regenerated block_configs, remote code -> atomic rename.
+
+Nothing is ever half-written in place: output goes to a hidden sibling directory that is renamed into place
+only when everything succeeded, and is deleted on any failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .io.dcp import DCPReader, bytes_item, extra_state_payload, tensor_item, write_checkpoint
+from .io.hf_reader import CheckpointError, HFCheckpoint
+from .io.safetensors_writer import StreamingSafetensorsWriter
+from .layout import require_layout
+from .mappings import TensorMapping, bind, ignored_hf_key
+from .plan import ModelPlan, load_config, load_plan
+
+DESCRIPTION_FILE = "hetero_convert.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+ITERATION_DIR = "release"
+FORMAT_VERSION = 1
+DTYPE_OPTIONS = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Exactly what megatron's own save writes; megatron rejects any other key in this file.
+MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+# Megatron checkpoint keys that are not model weights (optimizer and RNG state of a training run).
+NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "chained_")
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted; the message lists what is missing, left over or wrong."""
+
+
+@dataclass
+class Summary:
+    direction: str
+    source: str
+    output: str
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    layout: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---- shared plumbing ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def staged_output(out_dir: Path, overwrite: bool):
+    """Yield a temporary sibling of out_dir; rename it into place on success, delete it on failure."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"{out_dir} exists and is not empty (use --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+class ErrorSink:
+    """Collects errors raised in writer threads (DCP's threads would otherwise drop them silently)."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.lock = threading.Lock()
+
+    def error(self, msg: str):
+        with self.lock:
+            self.errors.append(msg)
+
+    def warn(self, msg: str):
+        with self.lock:
+            self.warnings.append(msg)
+
+    def raise_if_any(self):
+        if self.errors:
+            raise ConversionError("\n".join(self.errors[:20]) + (
+                f"\n... and {len(self.errors) - 20} more" if len(self.errors) > 20 else ""))
+
+
+def check_finite(t: torch.Tensor, what: str, sink: ErrorSink, strict: bool) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        msg = f"{what}: {bad} NaN/Inf values"
+        (sink.error if strict else sink.warn)(msg + (" (refused: --strict)" if strict else ""))
+
+
+def layer_name(m: TensorMapping) -> str:
+    return f"layer {m.layer}" if m.layer is not None else "model"
+
+
+def sha256_file(path: Path, block: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- HF -> Megatron ------------------------------------------------------------------------------------------
+
+
+def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
+    """Every expected tensor present with the planned shape, nothing left over. Runs before any write."""
+    problems, expected = [], {}
+    for m in maps:
+        for key, shape in zip(m.hf, m.hf_shapes):
+            expected[key] = (m, shape)
+    for key, (m, shape) in expected.items():
+        info = ckpt.tensors.get(key)
+        if info is None:
+            problems.append(f"{layer_name(m)}: missing tensor '{key}' (expected shape {list(shape)})")
+        elif info.shape != shape:
+            problems.append(f"{layer_name(m)}: tensor '{key}' has shape {list(info.shape)}, "
+                            f"the config implies {list(shape)}")
+        elif not info.dtype.is_floating_point:
+            problems.append(f"{layer_name(m)}: tensor '{key}' has non-float dtype {info.dtype}")
+    leftover = sorted(k for k in ckpt.tensors if k not in expected and not ignored_hf_key(k))
+    for key in leftover:
+        problems.append(f"unexpected tensor '{key}' {list(ckpt.tensors[key].shape)}: the config has no place "
+                        f"for it (does config.json match the weights?)")
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) with the HF checkpoint, nothing written:\n  - "
+                              + "\n  - ".join(problems[:50]))
+
+
+def rank_of(m: TensorMapping, tp_rank: int, tp: int) -> int:
+    # Megatron's default rank order (tp fastest, then dp=1, then pp).
+    return m.stage * tp + tp_rank
+
+
+def megatron_write_items(maps: list[TensorMapping], tp: int, pp: int, dtype_of: Callable[[TensorMapping], torch.dtype]):
+    """One list of DCP write items per Megatron rank, and a lookup from item to (mapping, chunk)."""
+    items: list[list] = [[] for _ in range(tp * pp)]
+    lookup: dict = {}
+    for m in maps:
+        for c in m.chunks(tp):
+            item = tensor_item(m.megatron, m.shape, c.offsets, c.sizes, dtype_of(m))
+            items[rank_of(m, c.tp_rank, tp)].append(item)
+            lookup[(m.megatron, tuple(c.offsets))] = (m, c)
+        for key in m.extra_state:
+            # Megatron names a ShardedObject entry key/shard_{offsets}_{fragments}; one shard whatever the TP.
+            items[rank_of(m, 0, tp)].append(bytes_item(f"{key}/shard_0_1", 0))
+    return items, lookup
+
+
+def read_chunk(ckpt: HFCheckpoint, m: TensorMapping, offsets, sizes, dtype) -> torch.Tensor:
+    """The Megatron chunk at offsets/sizes, assembled from exactly the HF rows (and columns) it needs."""
+    r0, nrows = offsets[0], sizes[0]
+    cols = slice(offsets[1], offsets[1] + sizes[1]) if m.tp_rule == "cols" else None
+    parts = []
+    for seg, a, b in m.pieces(r0, r0 + nrows):
+        if seg.source is None:
+            parts.append(torch.zeros((b - a,) + tuple(sizes[1:]), dtype=dtype))
+        else:
+            parts.append(ckpt.read(m.hf[seg.source], slice(a, b), cols).to(dtype))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return out.contiguous()
+
+
+def describe_source(hf_dir: Path, plan: ModelPlan, config: dict, checksums: dict) -> dict:
+    return {"source_dir": str(hf_dir), "source_config": config, "source_format": plan.source_format,
+            "file_sha256": checksums}
+
+
+def hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "keep",
+    workers: int = 1,
+    overwrite: bool = False,
+    strict: bool = False,
+    checksums: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    t0 = time.time()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if dtype not in DTYPE_OPTIONS:
+        raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
+    config = load_config(hf_dir)
+    plan = load_plan(config)
+    require_layout(plan, tp, pp)
+    ckpt = HFCheckpoint(hf_dir)
+    maps = bind(plan, tp, pp)
+    check_hf_sources(ckpt, maps)
+
+    want = DTYPE_OPTIONS[dtype]
+    src_dtype = {m.megatron: ckpt.tensors[m.hf[0]].dtype for m in maps}
+    dtype_of = lambda m: want or src_dtype[m.megatron]  # noqa: E731
+    items, lookup = megatron_write_items(maps, tp, pp, dtype_of)
+    sink, summary = ErrorSink(), Summary("hf-to-megatron", str(hf_dir), str(out_dir))
+    counter = threading.Lock()
+
+    def resolve(item):
+        if item.type.name == "BYTE_IO":
+            return extra_state_payload()
+        m, c = lookup[(item.index.fqn, tuple(item.index.offset))]
+        try:
+            t = read_chunk(ckpt, m, c.offsets, c.sizes, dtype_of(m))
+            check_finite(t, f"{layer_name(m)}: {m.megatron} (from {', '.join(m.hf)})", sink, strict)
+        except Exception as e:  # noqa: BLE001 - reported after the rank's files are written
+            sink.error(f"{layer_name(m)}: {m.megatron}: {type(e).__name__}: {e}")
+            t = torch.zeros(c.sizes, dtype=dtype_of(m))
+        with counter:
+            summary.bytes_written += t.numel() * t.element_size()
+            summary.tensors += 1
+        if progress:
+            progress(t.numel() * t.element_size())
+        return t
+
+    with staged_output(out_dir, overwrite) as tmp:
+        iteration = tmp / ITERATION_DIR
+        iteration.mkdir()
+        pool = ThreadPoolExecutor(max_workers=1) if checksums else None
+        sums = {f.name: pool.submit(sha256_file, f) for f in ckpt.files()} if pool else {}
+        write_checkpoint(iteration, items, resolve, threads=workers, after_rank=lambda r: sink.raise_if_any())
+        sink.raise_if_any()
+        checks = {name: fut.result() for name, fut in sums.items()}
+        if pool:
+            pool.shutdown()
+        description = {
+            "format": "hetero_convert.megatron", "format_version": FORMAT_VERSION,
+            "plan": plan.to_json(),
+            "hf_block_configs": plan.hf_block_configs(),
+            "megatron_block_configs": plan.megatron_block_configs(),
+            "tensor_parallel": tp, "pipeline_parallel": pp,
+            "padded_vocab_size": maps[0].shape[0],
+            "dtype": str(want or sorted({str(d) for d in src_dtype.values()})[0]).replace("torch.", ""),
+            "source": describe_source(hf_dir, plan, config, checks),
+        }
+        (iteration / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1))
+        torch.save({"iteration": 0, "checkpoint_version": 3.0}, iteration / "common.pt")
+        # metadata.json last: without it megatron does not treat the directory as a checkpoint.
+        (iteration / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        (tmp / TRACKER_FILE).write_text(ITERATION_DIR)
+    summary.bytes_read = sum(ckpt.tensors[k].nbytes for m in maps for k in m.hf)
+    summary.warnings = sink.warnings
+    summary.seconds = time.time() - t0
+    summary.layout = {"tp": tp, "pp": pp, "files": len(list((out_dir / ITERATION_DIR).glob("*.distcp")))}
+    return summary
+
+
+# ---- Megatron -> HF ------------------------------------------------------------------------------------------
+
+
+def iteration_dir(path: str | Path) -> Path:
+    """Accept the checkpoint root (with the tracker file) or the iteration folder itself."""
+    p = Path(path)
+    tracker = p / TRACKER_FILE
+    if tracker.is_file():
+        it = tracker.read_text().strip()
+        candidate = p / (it if it == "release" else f"iter_{int(it):07d}")
+        if not candidate.is_dir():
+            raise ConversionError(f"{tracker} points to {candidate.name}, which does not exist")
+        return candidate
+    if (p / ".metadata").is_file() or (p / "metadata.json").is_file():
+        return p
+    raise ConversionError(f"{p}: neither a Megatron checkpoint root ({TRACKER_FILE}) nor an iteration folder")
+
+
+def read_plan_from_megatron(it_dir: Path) -> tuple[ModelPlan, dict]:
+    """The model description: ours if present, else rebuilt from a training run's saved args."""
+    desc_path = it_dir / DESCRIPTION_FILE
+    if desc_path.is_file():
+        desc = json.loads(desc_path.read_text())
+        return ModelPlan.from_json(desc["plan"]), desc
+    common = it_dir / "common.pt"
+    if common.is_file():
+        state = torch.load(common, map_location="cpu", weights_only=False)
+        args = state.get("args") if isinstance(state, dict) else None
+        encoded = getattr(args, "heterogeneous_layers_config_encoded_json", "") if args is not None else ""
+        if encoded:
+            # Megatron-LM persists the HF config.json it was trained from in its args.
+            cfg = json.loads(encoded)
+            cfg.setdefault("vocab_size", getattr(args, "vocab_size", None))
+            cfg.setdefault("hidden_size", args.hidden_size)
+            cfg.setdefault("num_attention_heads", args.num_attention_heads)
+            cfg.setdefault("num_hidden_layers", args.num_layers)
+            cfg.setdefault("tie_word_embeddings", not getattr(args, "untie_embeddings_and_output_weights", True))
+            return load_plan(cfg), {"source": {"source_config": cfg}}
+    raise ConversionError(f"{it_dir}: no {DESCRIPTION_FILE} and no heterogeneous config in common.pt args: "
+                          f"cannot tell which model this is")
+
+
+def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], plan: ModelPlan) -> None:
+    stored = reader.tensor_keys()
+    problems = []
+    for m in maps:
+        md = stored.get(m.megatron)
+        if md is None:
+            problems.append(f"{layer_name(m)}: missing tensor '{m.megatron}' (expected {list(m.shape)})")
+            continue
+        shape = tuple(md.size)
+        if m.vocab_padded:  # saved at any TP: padded to a multiple of 128*TP, never fewer than the vocabulary
+            ok = shape[1:] == m.shape[1:] and shape[0] >= m.vocab_rows
+        else:
+            ok = shape == m.shape
+        if not ok:
+            problems.append(f"{layer_name(m)}: '{m.megatron}' has shape {list(shape)}, the plan implies "
+                            f"{list(m.shape)}")
+    known = {m.megatron for m in maps}
+    leftover = sorted(k for k in stored if k not in known and not k.startswith(NON_MODEL_PREFIXES))
+    problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
+                 for k in leftover]
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) with the Megatron checkpoint, nothing written:\n  - "
+                              + "\n  - ".join(problems[:50]))
+
+
+def split_to_hf(m: TensorMapping, full: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of the row arrangement: each HF tensor is its segments in source order; padding dropped."""
+    pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in m.hf]
+    pos = 0
+    for seg in m.segments:
+        if seg.source is not None:
+            pieces[seg.source].append((seg.start, full[pos:pos + seg.rows]))
+        pos += seg.rows
+    out = []
+    for k, parts in enumerate(pieces):
+        parts.sort(key=lambda p: p[0])
+        t = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], 0)
+        assert tuple(t.shape) == m.hf_shapes[k], (m.hf[k], t.shape, m.hf_shapes[k])
+        out.append(t)
+    return out
+
+
+def parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    s = s.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GIB", 2**30), ("MIB", 2**20), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def shard_groups(maps: list[TensorMapping], max_bytes: int, itemsize_of) -> list[list[TensorMapping]]:
+    """Consecutive mappings packed into shards of at most max_bytes (a bigger single mapping gets its own)."""
+    shards, cur, size = [], [], 0
+    for m in maps:
+        n = sum(_numel(s) for s in m.hf_shapes) * itemsize_of(m)
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def write_hf_metadata(out: Path, plan: ModelPlan, dtype: torch.dtype, tokenizer_from: Path | None) -> None:
+    from .hf import write_remote_code
+
+    cfg = plan.hf_config()
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg["auto_map"] = write_remote_code(out)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {k: v for k, v in plan.special_tokens.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer_from is not None:
+        copied = 0
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy2(Path(tokenizer_from) / name, out / name)
+                copied += 1
+        if not copied:
+            raise ConversionError(f"--tokenizer-from {tokenizer_from}: no tokenizer files found there")
+
+
+def megatron_to_hf(
+    megatron_dir: str | Path,
+    out_dir: str | Path,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "keep",
+    tokenizer_from: str | Path | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    t0 = time.time()
+    if dtype not in DTYPE_OPTIONS:
+        raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
+    it_dir = iteration_dir(megatron_dir)
+    plan, _ = read_plan_from_megatron(it_dir)
+    reader = DCPReader(it_dir)
+    maps = bind(plan)
+    check_megatron_keys(reader, maps, plan)
+    stored = reader.tensor_keys()
+    want = DTYPE_OPTIONS[dtype]
+    dtype_of = lambda m: want or stored[m.megatron].properties.dtype  # noqa: E731
+    shards = shard_groups(maps, parse_size(max_shard_size), lambda m: dtype_of(m).itemsize)
+    n = len(shards)
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for k in range(n)]
+    sink, summary = ErrorSink(), Summary("megatron-to-hf", str(megatron_dir), str(out_dir))
+    lock = threading.Lock()
+
+    def write_shard(k: int, path: Path):
+        layout = [(key, dtype_of(m), shape) for m in shards[k] for key, shape in zip(m.hf, m.hf_shapes)]
+        w = StreamingSafetensorsWriter(path, layout)
+        try:
+            for m in shards[k]:
+                full = reader.load(m.megatron)
+                for key, t in zip(m.hf, split_to_hf(m, full)):
+                    t = t.to(dtype_of(m))
+                    check_finite(t, f"{layer_name(m)}: {key}", sink, strict)
+                    w.write(key, t)
+                    with lock:
+                        summary.tensors += 1
+                        summary.bytes_written += t.numel() * t.element_size()
+                    if progress:
+                        progress(t.numel() * t.element_size())
+                with lock:
+                    summary.bytes_read += full.numel() * full.element_size()
+                del full
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+
+    with staged_output(Path(out_dir), overwrite) as tmp:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(write_shard, k, tmp / names[k]) for k in range(n)]
+            for f in futures:
+                f.result()
+        sink.raise_if_any()
+        if n > 1:
+            weight_map = {key: names[k] for k in range(n) for m in shards[k] for key in m.hf}
+            total = sum(_numel(s) * dtype_of(m).itemsize for m in maps for s in m.hf_shapes)
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        out_dtype = want or stored[maps[0].megatron].properties.dtype
+        write_hf_metadata(tmp, plan, out_dtype, Path(tokenizer_from) if tokenizer_from else None)
+    summary.warnings = sink.warnings
+    summary.seconds = time.time() - t0
+    summary.layout = {"shards": n}
+    return summary
+
+
+__all__ = ["hf_to_megatron", "megatron_to_hf", "ConversionError", "CheckpointError", "Summary"]

@@ -1,0 +1,122 @@
+"""Deterministic random-weight checkpoints, laid out exactly as released models are.
+
+`write_random_checkpoint(config, out_dir)` writes config.json, sharded `model-0000X-of-0000N.safetensors` with
+`model.safetensors.index.json` (or one model.safetensors), DeciLM key names, no tensors for removed parts,
+lm_head only when untied. Each tensor's values depend only on (seed, name), so a checkpoint is the same
+whatever the shard size, and tensors are generated and streamed one at a time: this also writes the
+multi-gigabyte checkpoints of the benchmarks in bounded memory.
+
+Weights are scaled so that the models are numerically interesting: q/k use a larger std (0.08) so attention
+is far from uniform and a wrong RoPE factor shows in the logits (with std 0.02 it hides, see the reference
+notes); norm weights are 1 + noise so a swapped norm shows too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+
+from .io.safetensors_writer import StreamingSafetensorsWriter
+from .mappings import bind
+from .plan import load_config, load_plan
+
+
+def bundled_fixtures_dir() -> Path:
+    """fixtures/ ships in the wheel as hetero_convert/_fixtures; in a source tree it is ../fixtures."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_fixtures", here.parent / "fixtures"):
+        if (candidate / "tiny-every-kind.json").is_file():
+            return candidate
+    raise FileNotFoundError("bundled fixtures not found")
+
+
+def bundled_config(name: str) -> dict:
+    return load_config(bundled_fixtures_dir() / f"{name}.json")
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+    else:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            std = 0.08
+        t = torch.randn(shape, generator=g) * std
+    return t.to(dtype)
+
+
+def _filler(name: str, shape, seed: int, dtype: torch.dtype, fast: bool) -> torch.Tensor:
+    if not fast:
+        return random_tensor(name, shape, seed, dtype)
+    # Benchmarks write gigabytes: a cheap repeating pattern, still distinct per tensor and per row.
+    n = shape[0]
+    base = random_tensor(name, shape[1:] if len(shape) > 1 else (1,), seed, dtype)
+    if len(shape) == 1:
+        return random_tensor(name, shape, seed, dtype)
+    rows = torch.arange(n, dtype=torch.float32).unsqueeze(1).mul_(1e-4).to(dtype)
+    return (base.unsqueeze(0) + rows).to(dtype)
+
+
+def write_random_checkpoint(
+    config: dict | str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 2 << 20,
+    fast: bool = False,
+) -> Path:
+    """Write a checkpoint for `config` (a dict, a config.json, or a bundled fixture name)."""
+    if isinstance(config, str) and not Path(config).exists():
+        config = bundled_config(config)
+    cfg = dict(config) if isinstance(config, dict) else load_config(config)
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    plan = load_plan(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = [(k, s) for m in bind(plan) for k, s in zip(m.hf, m.hf_shapes)]
+    # Shards in model order, as HF's save_pretrained does.
+    shards, cur, size = [], [], 0
+    for key, shape in tensors:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((key, shape))
+        size += n
+    shards.append(cur)
+    names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+             if len(shards) > 1 else ["model.safetensors"])
+    for name, shard in zip(names, shards):
+        w = StreamingSafetensorsWriter(out / name, [(k, dtype, s) for k, s in shard])
+        for key, shape in shard:
+            w.write(key, _filler(key, shape, seed, dtype, fast))
+        w.close()
+    if len(shards) > 1:
+        total = sum(dtype.itemsize * _numel(s) for _, s in tensors)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: names[i] for i, shard in enumerate(shards) for k, _ in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if plan.source_format.startswith("decilm"):
+        from .hf import write_remote_code
+
+        cfg["auto_map"] = write_remote_code(out)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,163 @@
+"""torch.distributed.checkpoint (DCP) reads and writes, one tensor chunk at a time.
+
+Writing: DCP's FileSystemWriter asks the planner for each item's data (`resolve_data`) just before writing it.
+`LazySavePlanner` answers by producing the chunk on demand, so a checkpoint of any size is written through
+DCP's own file format and metadata code while only one chunk per writer thread is in memory. The items are
+grouped into one plan per (simulated) Megatron rank, so the data files are laid out as a Megatron run at that
+TP/PP layout would write them (`__{rank}_{k}.distcp`).
+
+Reading: `DCPReader` loads one key at a time (the whole global tensor, assembled from whatever chunks it was
+saved in), caching the metadata so a thousand keys do not re-read it a thousand times.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    BytesIOWriteData,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+
+def tensor_item(key: str, global_shape, offsets, sizes, dtype: torch.dtype) -> WriteItem:
+    return WriteItem(
+        index=MetadataIndex(key, torch.Size(offsets)),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+            properties=TensorProperties(dtype=dtype),
+            size=torch.Size(global_shape),
+        ),
+    )
+
+
+def bytes_item(key: str, nbytes: int) -> WriteItem:
+    return WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO, bytes_io_data=BytesIOWriteData(nbytes))
+
+
+class LazySavePlanner(SavePlanner):
+    """Only `resolve_data` is used: we build the plans ourselves and drive the writer directly."""
+
+    def __init__(self, resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
+        self._resolve = resolve
+
+    def resolve_data(self, write_item: WriteItem):
+        return self._resolve(write_item)
+
+    # The SavePlanner interface also asks for these; the write path below never calls them.
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
+
+    def create_local_plan(self):
+        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
+
+    def create_global_plan(self, all_plans):
+        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
+
+    def finish_plan(self, new_plan):
+        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
+
+
+def write_checkpoint(
+    path: str | Path,
+    items_per_rank: list[list[WriteItem]],
+    resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO],
+    threads: int = 1,
+    after_rank: Callable[[int], None] | None = None,
+    ranks: list[int] | None = None,
+    write_metadata: bool = True,
+):
+    """Write the items of each rank into `__{rank}_{k}.distcp` files and the `.metadata` file.
+
+    `ranks` restricts the data writing to those ranks (several processes can share one job, each writing its
+    own files); the metadata always describes every rank's items and is written only if `write_metadata`.
+    """
+    writer = FileSystemWriter(str(path), thread_count=max(1, threads), sync_files=False, overwrite=True)
+    writer.set_up_storage_writer(True)
+    plans = [writer.prepare_local_plan(SavePlan(items)) for items in items_per_rank]
+    plans, metadata = create_default_global_save_plan(plans)
+    plans = writer.prepare_global_plan(plans)
+    planner = LazySavePlanner(resolve)
+    results = []
+    for rank, plan in enumerate(plans):
+        if ranks is not None and rank not in ranks:
+            continue
+        if plan.items:
+            results.append(writer.write_data(plan, planner).value())
+        if after_rank is not None:
+            after_rank(rank)
+    if write_metadata:
+        writer.finish(metadata, results)
+    return metadata, results
+
+
+def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results) -> None:
+    """Write `.metadata` for data files that several processes wrote (their WriteResults gathered here)."""
+    writer = FileSystemWriter(str(path), sync_files=False, overwrite=True)
+    writer.set_up_storage_writer(True)
+    plans = [SavePlan(items) for items in items_per_rank]
+    _, metadata = create_default_global_save_plan(plans)
+    writer.finish(metadata, results)
+
+
+def extra_state_payload() -> io.BytesIO:
+    """What megatron stores for a module's `_extra_state` ShardedObject when there is none: torch.save([None])."""
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    buf.seek(0)
+    return buf
+
+
+class _CachedReader(FileSystemReader):
+    def __init__(self, path):
+        super().__init__(str(path))
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class DCPReader:
+    """Keys, shapes and one-key-at-a-time loads of a DCP directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / ".metadata").is_file():
+            raise FileNotFoundError(f"{self.path}: no .metadata: not a torch.distributed.checkpoint directory")
+        self.reader = _CachedReader(self.path)
+        self.metadata = self.reader.read_metadata()
+
+    def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
+        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    def object_keys(self) -> list[str]:
+        return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        md = self.metadata.state_dict_metadata[key]
+        out = torch.empty(tuple(md.size), dtype=dtype or md.properties.dtype)
+        dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
+        return out
+
+    def data_files(self) -> list[Path]:
+        return sorted(self.path.glob("*.distcp"))

@@ -1,0 +1,153 @@
+"""Lazy, validated reads of a HF safetensors checkpoint (single file or sharded with an index).
+
+Nothing is loaded up front: `open_checkpoint` reads only the index and each shard's JSON header, and checks
+that the files can hold what the headers promise (a truncated shard is caught here, naming the tensors whose
+bytes are missing). Tensors are then read one slice at a time through safetensors' own `safe_open`, which
+memory-maps the file: a tensor-parallel chunk reads only its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as it claims to be."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name}: truncated (only {size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path.name}: header length {n} exceeds the file size {size}: truncated or corrupt")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path.name}: corrupt safetensors header ({e})") from e
+    return header, 8 + n
+
+
+class HFCheckpoint:
+    """The tensors of a HF checkpoint directory, validated, readable lazily and from several threads."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._local = threading.local()
+        self._scan()
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            files = sorted(set(weight_map.values()))
+        elif (self.dir / "model.safetensors").is_file():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        missing_files = [f for f in files if not (self.dir / f).is_file()]
+        if missing_files:
+            named = sorted(k for k, v in (weight_map or {}).items() if v in missing_files)
+            raise CheckpointError(
+                f"missing shard file(s) {missing_files} named by the index (they hold {len(named)} tensors, "
+                f"e.g. {named[:3]})"
+            )
+        for fname in files:
+            path = self.dir / fname
+            header, data_start = read_header(path)
+            size = path.stat().st_size
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                if data_start + end > size:
+                    raise CheckpointError(
+                        f"{fname}: truncated: tensor '{name}' needs bytes up to {data_start + end} but the file "
+                        f"has {size}"
+                    )
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{fname}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+                shape = tuple(entry["shape"])
+                expect = dtype.itemsize * _prod(shape)
+                if end - begin != expect:
+                    raise CheckpointError(
+                        f"{fname}: tensor '{name}' claims {end - begin} bytes for shape {shape} {entry['dtype']} "
+                        f"({expect} expected): corrupt header"
+                    )
+                if name in self.tensors:
+                    raise CheckpointError(f"tensor '{name}' appears in both {self.tensors[name].file.name} and {fname}")
+                self.tensors[name] = TensorInfo(name, path, dtype, shape, expect)
+        if weight_map is not None:
+            absent = sorted(k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f)
+            if absent:
+                raise CheckpointError(
+                    f"the index names {len(absent)} tensor(s) that are not in the shard it points to: {absent[:5]}"
+                )
+            unindexed = sorted(set(self.tensors) - set(weight_map))
+            if unindexed:
+                raise CheckpointError(f"shards hold {len(unindexed)} tensor(s) the index does not name: {unindexed[:5]}")
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def _handle(self, path: Path):
+        # One safe_open handle per file per thread: handles are cheap (mmap) and need no locking this way.
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path]
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""
+        info = self.tensors[name]
+        if rows is None and cols is None:
+            return self._handle(info.file).get_tensor(name)
+        sl = self._handle(info.file).get_slice(name)
+        rows = rows or slice(None)
+        return sl[rows, cols] if cols is not None else sl[rows]
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
