@@ -323,7 +323,7 @@ def read_plan_from_megatron(it_dir: Path) -> tuple[ModelPlan, dict]:
                           f"cannot tell which model this is")
 
 
-def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], plan: ModelPlan) -> None:
+def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping]) -> None:
     stored = reader.tensor_keys()
     problems = []
     for m in maps:
@@ -404,9 +404,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def write_hf_metadata(out: Path, plan: ModelPlan, dtype: torch.dtype, tokenizer_from: Path | None) -> None:
     from .hf import write_remote_code
 
-    cfg = plan.hf_config()
+    # A Llama that went in comes back as a Llama; everything else is written as DeciLM with its remote code.
+    cfg = plan.llama_config() if plan.source_format == "llama" else None
+    if cfg is None:
+        cfg = plan.hf_config()
+        cfg["auto_map"] = write_remote_code(out)
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    cfg["auto_map"] = write_remote_code(out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: v for k, v in plan.special_tokens.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -438,7 +441,7 @@ def megatron_to_hf(
     plan, _ = read_plan_from_megatron(it_dir)
     reader = DCPReader(it_dir)
     maps = bind(plan)
-    check_megatron_keys(reader, maps, plan)
+    check_megatron_keys(reader, maps)
     stored = reader.tensor_keys()
     want = DTYPE_OPTIONS[dtype]
     dtype_of = lambda m: want or stored[m.megatron].properties.dtype  # noqa: E731

@@ -252,6 +252,19 @@ class ModelPlan:
         cfg.update(self.special_tokens)
         return cfg
 
+    def llama_config(self) -> dict | None:
+        """A LlamaForCausalLM config.json when every layer is the same GQA + SwiGLU layer, else None."""
+        kinds = {(l.attention.kind, l.attention.num_kv_heads, l.ffn.kind, l.ffn.width) for l in self.layers}
+        if len(kinds) != 1:
+            return None
+        attn, kv, ffn, width = kinds.pop()
+        if attn != GQA or ffn != SWIGLU:
+            return None
+        cfg = {k: v for k, v in self.hf_config().items() if k not in ("block_configs",)}
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv,
+                   intermediate_size=width, head_dim=self.head_dim)
+        return cfg
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -393,9 +406,9 @@ class _Parser:
             raise PlanError(f"layer {i}: unknown {part} keys {sorted(unknown)}; refusing to guess their meaning")
         for key, default in unsupported.items():
             if key in d and d[key] is not None and d[key] != default:
-                what = {"window_length": "sliding-window attention", "num_sink_tokens": "sink attention",
-                        "unshifted_sink": "unshifted-sink attention"}.get(key, f"{part}.{key}")
-                raise PlanError(f"layer {i}: {what} ({part}.{key}={d[key]!r}) is not supported")
+                what = {"window_length": "sliding-window attention ", "num_sink_tokens": "sink attention ",
+                        "unshifted_sink": "unshifted-sink attention "}.get(key, "")
+                raise PlanError(f"layer {i}: {what}({part}.{key}={d[key]!r}) is not supported")
         if d.get("no_op") and d.get("replace_with_linear"):
             raise PlanError(f"layer {i}: {part} has both no_op and replace_with_linear set")
 

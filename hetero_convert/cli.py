@@ -1,0 +1,300 @@
+"""The `hetero-convert` command line.
+
+Heavy imports (torch, megatron-core, transformers) happen inside the commands that need them, so that
+`inspect` answers on a full-size config in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core.")
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(msg: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for suffix, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+# ---- inspect ------------------------------------------------------------------------------------------------
+
+
+def inspect_data(path: Path, tp: int, pp: int) -> dict:
+    from .layout import check_layout, feasible_layouts
+    from .plan import load_plan
+
+    plan = load_plan(path)
+    report = check_layout(plan, tp, pp)
+    split = report.split
+    layers = []
+    for layer in plan.layers:
+        p = plan.layer_parameters(layer)
+        layers.append({
+            "layer": layer.index,
+            "attention": layer.attention.kind,
+            "kv_heads": layer.attention.num_kv_heads,
+            "ffn": layer.ffn.kind,
+            "ffn_width": layer.ffn.width,
+            "parameters": p["total"],
+            "stage": split.stage_of_layer(layer.index) if split else None,
+        })
+    return {
+        "source": str(path),
+        "source_format": plan.source_format,
+        "num_layers": plan.num_layers,
+        "hidden_size": plan.hidden_size,
+        "num_attention_heads": plan.num_attention_heads,
+        "head_dim": plan.head_dim,
+        "vocab_size": plan.vocab_size,
+        "tie_word_embeddings": plan.tie_word_embeddings,
+        "rope_theta": plan.rope_theta,
+        "rope_scaling": plan.rope_scaling,
+        "parameters": plan.num_parameters(),
+        "non_embedding_parameters": plan.num_parameters(include_embeddings=False),
+        "kv_cache_bytes_per_token_bf16": plan.kv_cache_bytes_per_token(2),
+        "counts": {
+            "gqa_attention": sum(l.attention.kind == "gqa" for l in plan.layers),
+            "linear_attention": sum(l.attention.kind == "linear" for l in plan.layers),
+            "no_attention": sum(l.attention.kind == "none" for l in plan.layers),
+            "swiglu_ffn": sum(l.ffn.kind == "swiglu" for l in plan.layers),
+            "linear_ffn": sum(l.ffn.kind == "linear" for l in plan.layers),
+            "no_ffn": sum(l.ffn.kind == "none" for l in plan.layers),
+            "dummy_layers": sum(l.is_dummy for l in plan.layers),
+        },
+        "layers": layers,
+        "layout": {
+            "tp": tp, "pp": pp, "ok": report.ok,
+            "padded_vocab_size": report.padded_vocab_size,
+            "violations": [{"layer": v.layer, "tensor": v.tensor, "reason": v.reason} for v in report.violations],
+            "layers_per_stage": split.layers_per_stage if split else None,
+            "params_per_stage": split.params_per_stage if split else None,
+            "num_layers_in_first_pipeline_stage": split.num_layers_in_first_pipeline_stage if split else None,
+            "num_layers_in_last_pipeline_stage": split.num_layers_in_last_pipeline_stage if split else None,
+        },
+        "feasible_tp": sorted({t for t, _ in feasible_layouts(plan, max_gpus=8)}),
+    }
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to check"),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size to check"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
+):
+    """Per-layer table, parameter and KV-cache counts, and whether a TP/PP layout is possible."""
+    from .plan import PlanError
+
+    try:
+        d = inspect_data(path, tp, pp)
+    except PlanError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(d, indent=1))
+        raise typer.Exit(0 if d["layout"]["ok"] else 2)
+    t = Table(title=f"{path}  ({d['source_format']}, {d['num_layers']} layers)")
+    for col in ("layer", "attention", "KV heads", "FFN", "width", "params", "stage"):
+        t.add_column(col, justify="right" if col in ("layer", "KV heads", "width", "params", "stage") else "left")
+    for l in d["layers"]:
+        t.add_row(str(l["layer"]), l["attention"], str(l["kv_heads"] or "-"), l["ffn"], str(l["ffn_width"] or "-"),
+                  human(l["parameters"]), str(l["stage"]) if l["stage"] is not None else "-")
+    console.print(t)
+    c = d["counts"]
+    console.print(
+        f"parameters: [bold]{d['parameters'] / 1e9:.2f}B[/] ({d['parameters']:,}); non-embedding "
+        f"{d['non_embedding_parameters'] / 1e9:.2f}B; KV cache {human_bytes(d['kv_cache_bytes_per_token_bf16'])}"
+        f"/token (bf16)\nlayers: {c['gqa_attention']} GQA, {c['linear_attention']} linear-attention, "
+        f"{c['no_attention']} attention-free; {c['swiglu_ffn']} SwiGLU, {c['linear_ffn']} linear-FFN, "
+        f"{c['no_ffn']} FFN-free; {c['dummy_layers']} dummy", highlight=False)
+    lay = d["layout"]
+    if lay["ok"]:
+        extra = ""
+        if lay["num_layers_in_first_pipeline_stage"] is not None:
+            extra = (f" (megatron: --num-layers-in-first-pipeline-stage {lay['num_layers_in_first_pipeline_stage']}"
+                     f" --num-layers-in-last-pipeline-stage {lay['num_layers_in_last_pipeline_stage']})")
+        console.print(f"layout TP={tp} PP={pp}: [green]ok[/]; padded vocab {lay['padded_vocab_size']}; layers per "
+                      f"stage {lay['layers_per_stage']}{extra}", highlight=False)
+    else:
+        console.print(f"layout TP={tp} PP={pp}: [red]not possible[/] ({len(lay['violations'])} problems)")
+        for v in lay["violations"]:
+            where = f"layer {v['layer']}" if v["layer"] is not None else "model"
+            console.print(f"  - {where}: {v['tensor']}: {v['reason']}", highlight=False)
+    console.print(f"TP sizes possible (up to 8): {d['feasible_tp']}", highlight=False)
+    if not lay["ok"]:
+        raise typer.Exit(2)
+
+
+@app.command()
+def spec(
+    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    te: bool = typer.Option(False, "--te/--local", help="Transformer Engine spec, or megatron-core's local spec"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The per-layer Megatron module classes, built by megatron-core itself (no weights allocated)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from .layout import LayoutError
+    from .plan import PlanError, load_plan
+    from .spec import spec_table, te_available
+
+    if te and not te_available():
+        fail("--te needs transformer-engine, which is not importable here (use --local)")
+    try:
+        rows = spec_table(load_plan(path), tp, pp, use_te=te)
+    except (PlanError, LayoutError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table(title=f"megatron-core layer specs ({'TE' if te else 'local'}), TP={tp} PP={pp}")
+    for col in ("layer", "stage", "input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp", "groups", "ffn"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["layer"]), str(r["stage"]), r["input_layernorm"], r["self_attention"], r["pre_mlp_layernorm"],
+                  r["mlp"], str(r["num_query_groups"] or "-"), str(r["ffn_hidden_size"] or "-"))
+    console.print(t)
+
+
+# ---- conversion ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A bytes/s progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        if self.enabled:
+            from rich.progress import (BarColumn, DownloadColumn, Progress as P, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.p = P("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+            self.task = self.p.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.enabled:
+            self.p.start()
+        return self
+
+    def __call__(self, n: int):
+        if self.enabled:
+            self.p.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.stop()
+
+
+def report_summary(s, as_json: bool):
+    if as_json:
+        print(json.dumps(s.as_dict(), indent=1))
+        return
+    for w in s.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    rate = s.bytes_written / max(s.seconds, 1e-9)
+    console.print(f"{s.direction}: {s.tensors} tensors, {human_bytes(s.bytes_written)} written in {s.seconds:.1f}s "
+                  f"({human_bytes(rate)}/s) -> {s.output}", highlight=False)
+
+
+@app.command("hf-to-megatron")
+def hf_to_megatron_cmd(
+    hf_dir: Path = typer.Argument(..., help="HF checkpoint directory (config.json + safetensors)"),
+    out_dir: Path = typer.Argument(..., help="Megatron checkpoint directory to create"),
+    tp: int = typer.Option(1, "--tp", help="Chunk the data as a run at this tensor-parallel size would"),
+    pp: int = typer.Option(1, "--pp", help="... and at this pipeline-parallel size"),
+    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+):
+    """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
+    from .convert import ConversionError, hf_to_megatron
+    from .io.hf_reader import CheckpointError, HFCheckpoint
+    from .layout import LayoutError
+    from .plan import PlanError
+
+    try:
+        total = HFCheckpoint(hf_dir).total_bytes()
+        with Progress(total, "hf-to-megatron", not as_json) as prog:
+            s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
+                               strict=strict, progress=prog)
+    except (ConversionError, CheckpointError, PlanError, LayoutError) as e:
+        fail(str(e))
+    report_summary(s, as_json)
+
+
+@app.command("megatron-to-hf")
+def megatron_to_hf_cmd(
+    megatron_dir: Path = typer.Argument(..., help="Megatron torch_dist checkpoint (root or iteration folder)"),
+    out_dir: Path = typer.Argument(..., help="HF checkpoint directory to create"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
+    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from here"),
+    workers: int = typer.Option(1, "--workers", help="Shards written concurrently"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF DeciLM checkpoint, streaming."""
+    from .convert import ConversionError, megatron_to_hf
+    from .plan import PlanError
+
+    try:
+        with Progress(0, "megatron-to-hf", False) as prog:
+            s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+                               tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
+                               progress=prog)
+    except (ConversionError, PlanError, FileNotFoundError) as e:
+        fail(str(e))
+    report_summary(s, as_json)
+
+
+# ---- demo ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write (default: a temporary folder)"),
+    tp: int = typer.Option(2, "--tp"),
+    pp: int = typer.Option(2, "--pp"),
+):
+    """Build the bundled tiny heterogeneous checkpoint, convert it to Megatron and back, check it is exact."""
+    import tempfile
+
+    from .demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console)
+    raise typer.Exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app()
