@@ -1,0 +1,325 @@
+"""hf-to-megatron / megatron-to-hf: exact round trips, Megatron layout, and failing closed on bad input."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hetero_convert.convert import (
+    ConversionError, ITERATION_DIR, hf_to_megatron, megatron_to_hf, split_to_hf,
+)
+from hetero_convert.demo import compare_checkpoints
+from hetero_convert.fixtures import write_random_checkpoint
+from hetero_convert.io.dcp import DCPReader
+from hetero_convert.io.hf_reader import CheckpointError, HFCheckpoint
+from hetero_convert.layout import LayoutError
+from hetero_convert.mappings import bind
+from hetero_convert.plan import load_plan
+
+FIXTURES = ["tiny-every-kind", "tiny-tied", "tiny-ultra-kinds", "tiny-llama"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    return {name: write_random_checkpoint(name, root / name, seed=3, max_shard_bytes=400_000) for name in FIXTURES}
+
+
+# ---- the mapping tables themselves ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_segments_are_a_bijection_on_rows(sources, name):
+    """Reading the segments forward then backward returns every HF tensor unchanged (padding dropped)."""
+    plan = load_plan(sources[name])
+    for m in bind(plan, tp=2):
+        hf = [torch.randn(s) for s in m.hf_shapes]
+        full = torch.cat([hf[s.source][s.start:s.start + s.rows] if s.source is not None
+                          else torch.zeros((s.rows,) + tuple(m.shape[1:])) for s in m.segments])
+        assert tuple(full.shape) == m.shape
+        for a, b in zip(hf, split_to_hf(m, full)):
+            assert torch.equal(a, b), m.megatron
+
+
+def test_qkv_interleave_is_per_layer_groups():
+    plan = load_plan(Path(__file__).parents[1] / "fixtures" / "tiny-every-kind.json")
+    hd, heads = plan.head_dim, plan.num_attention_heads
+    for m in bind(plan):
+        if not m.megatron.endswith("linear_qkv.weight"):
+            continue
+        groups = plan.layers[m.layer].attention.num_kv_heads
+        # Megatron order: for each group g, (heads/groups) q heads, then k_g, then v_g.
+        expect = []
+        for g in range(groups):
+            expect += [(0, (g * heads // groups + j) * hd) for j in range(heads // groups)] + [(1, g * hd), (2, g * hd)]
+        got = []
+        for seg in m.segments:
+            got += [(seg.source, seg.start + k * hd) for k in range(seg.rows // hd)]
+        assert got == expect, m.megatron
+
+
+def test_swiglu_chunks_split_gate_and_up_separately():
+    plan = load_plan(Path(__file__).parents[1] / "fixtures" / "tiny-every-kind.json")
+    fc1 = next(m for m in bind(plan, tp=2) if m.megatron == "decoder.layers.0.mlp.linear_fc1.weight")
+    w = plan.layers[0].ffn.width
+    assert [c.offsets[0] for c in fc1.chunks(2)] == [0, w // 2, w, w + w // 2]
+    assert [c.tp_rank for c in fc1.chunks(2)] == [0, 1, 0, 1]
+
+
+# ---- round trips ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_round_trip_bit_exact(sources, tmp_path, name, tp, pp):
+    src = sources[name]
+    hf_to_megatron(src, tmp_path / "meg", tp=tp, pp=pp, workers=2)
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", max_shard_size="300KB", workers=2)
+    n, bad = compare_checkpoints(src, tmp_path / "back")
+    assert n > 0 and bad == []
+    a = json.loads((src / "config.json").read_text())
+    b = json.loads((tmp_path / "back" / "config.json").read_text())
+    if "block_configs" in a:
+        assert a["block_configs"] == b["block_configs"]
+        assert b["auto_map"]["AutoModelForCausalLM"] == "modeling_decilm.DeciLMForCausalLM"
+        assert (tmp_path / "back" / "modeling_decilm.py").is_file()
+    else:  # a Llama comes back as a Llama
+        assert b["model_type"] == "llama" and b["num_key_value_heads"] == a["num_key_value_heads"]
+    for key in ("hidden_size", "num_attention_heads", "vocab_size", "rope_theta", "rope_scaling",
+                "tie_word_embeddings", "num_hidden_layers"):
+        assert a.get(key) == b.get(key), key
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(HFCheckpoint(src).tensors)
+
+
+def test_megatron_layout_matches_a_megatron_run(sources, tmp_path):
+    src = sources["tiny-every-kind"]
+    hf_to_megatron(src, tmp_path / "meg", tp=2, pp=2, workers=1)
+    it = tmp_path / "meg" / ITERATION_DIR
+    assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert json.loads((it / "metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist", "sharded_backend_version": 1,
+        "common_backend": "torch", "common_backend_version": 1}
+    assert torch.load(it / "common.pt", weights_only=True)["checkpoint_version"] == 3.0
+    reader = DCPReader(it)
+    md = reader.tensor_keys()
+    # no key prefix, global layer indices, dummy layer 6 has nothing
+    assert "embedding.word_embeddings.weight" in md and not any(k.startswith("model.") for k in md)
+    assert not any(k.startswith("decoder.layers.6.") for k in md)
+    assert md["embedding.word_embeddings.weight"].size == torch.Size([1024, 128])  # 1000 padded to 128*TP
+    assert [tuple(c.offsets) for c in md["decoder.layers.0.self_attention.linear_proj.weight"].chunks] == [(0, 0), (0, 64)]
+    objects = set(reader.object_keys())
+    assert "decoder.layers.2.self_attention._extra_state/shard_0_1" in objects  # linear replacement
+    assert "decoder.layers.4.mlp._extra_state/shard_0_1" in objects
+    assert "decoder.layers.0.mlp.linear_fc2._extra_state/shard_0_1" in objects
+    # each rank's chunks in its own files: rank = pp_stage * TP + tp_rank
+    names = sorted(p.name for p in it.glob("*.distcp"))
+    assert names == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    stored = reader.metadata.storage_data
+    files_of = {}
+    for idx, info in stored.items():
+        files_of.setdefault(idx.fqn, set()).add(info.relative_path)
+    assert files_of["embedding.word_embeddings.weight"] == {"__0_0.distcp", "__1_0.distcp"}
+    assert files_of["output_layer.weight"] == {"__2_0.distcp", "__3_0.distcp"}
+    desc = json.loads((it / "hetero_convert.json").read_text())
+    assert desc["tensor_parallel"] == 2 and desc["padded_vocab_size"] == 1024
+    assert set(desc["source"]["file_sha256"]) == {p.name for p in src.glob("*.safetensors")}
+
+
+def test_dtype_conversion_and_back(sources, tmp_path):
+    src = sources["tiny-tied"]
+    hf_to_megatron(src, tmp_path / "meg", dtype="fp32")
+    assert all(m.properties.dtype == torch.float32 for m in DCPReader(tmp_path / "meg" / "release").tensor_keys().values())
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", dtype="bf16")
+    n, bad = compare_checkpoints(src, tmp_path / "back")  # bf16 -> fp32 -> bf16 is exact
+    assert bad == []
+
+
+def test_megatron_checkpoint_at_one_tp_reads_back_whatever_tp(sources, tmp_path):
+    src = sources["tiny-every-kind"]
+    hf_to_megatron(src, tmp_path / "m1", tp=1)
+    hf_to_megatron(src, tmp_path / "m2", tp=2, pp=2)
+    r1, r2 = DCPReader(tmp_path / "m1" / "release"), DCPReader(tmp_path / "m2" / "release")
+    for key, md in r1.tensor_keys().items():
+        a, b = r1.load(key), r2.load(key)
+        rows = min(a.shape[0], b.shape[0])
+        assert torch.equal(a[:rows], b[:rows]), key
+
+
+# ---- fail closed ----------------------------------------------------------------------------------------------
+
+
+def copy_src(sources, tmp_path, name="tiny-every-kind") -> Path:
+    return Path(shutil.copytree(sources[name], tmp_path / "src"))
+
+
+def assert_nothing_written(tmp_path, out="meg"):
+    assert not (tmp_path / out).exists()
+    assert not list(tmp_path.glob(f".{out}.partial-*"))
+
+
+def test_truncated_shard(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor '.*' needs bytes up to"):
+        hf_to_megatron(src, tmp_path / "meg")
+    assert_nothing_written(tmp_path)
+
+
+def test_corrupt_header(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[0:8] = struct.pack("<Q", 1 << 40)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header length .* exceeds the file size"):
+        hf_to_megatron(src, tmp_path / "meg")
+
+
+def test_missing_shard(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    shard = sorted(src.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"missing shard file\(s\) \['{shard.name}'\]"):
+        hf_to_megatron(src, tmp_path / "meg")
+    assert_nothing_written(tmp_path)
+
+
+def test_index_names_absent_tensor(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"].values())[0]
+    index["weight_map"]["model.layers.3.self_attn.q_proj.weight"] = first
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"the index names 1 tensor\(s\) that are not in the shard.*"
+                                              r"model.layers.3.self_attn.q_proj.weight"):
+        hf_to_megatron(src, tmp_path / "meg")
+
+
+def test_config_contradicts_tensors(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["block_configs"][1]["attention"]["n_heads_in_group"] = 2  # says 4 KV heads, tensors have 2
+    cfg["block_configs"][3]["attention"] = {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError) as e:
+        hf_to_megatron(src, tmp_path / "meg")
+    msg = str(e.value)
+    assert "layer 1: tensor 'model.layers.1.self_attn.k_proj.weight' has shape [32, 128], the config implies [64, 128]" in msg
+    assert "layer 3: missing tensor 'model.layers.3.self_attn.q_proj.weight' (expected shape [128, 128])" in msg
+    assert_nothing_written(tmp_path)
+
+
+def test_leftover_tensor_is_refused(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["block_configs"][2]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=r"unexpected tensor 'model.layers.2.input_layernorm.weight'"):
+        hf_to_megatron(src, tmp_path / "meg")
+
+
+def test_infeasible_layout_refused_up_front(sources, tmp_path):
+    with pytest.raises(LayoutError, match="6 heads are not divisible by TP=4"):
+        hf_to_megatron(sources["tiny-llama"], tmp_path / "meg", tp=4)
+    assert_nothing_written(tmp_path)
+
+
+def write_nan(src: Path, key: str):
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_nan_warns_or_refuses_with_strict(sources, tmp_path):
+    src = copy_src(sources, tmp_path)
+    write_nan(src, "model.layers.7.mlp.up_proj.weight")
+    s = hf_to_megatron(src, tmp_path / "meg")
+    assert any("layer 7: decoder.layers.7.mlp.linear_fc1.weight" in w and "NaN/Inf" in w for w in s.warnings)
+    with pytest.raises(ConversionError, match=r"layer 7: decoder.layers.7.mlp.linear_fc1.weight .* 1 NaN/Inf values "
+                                              r"\(refused: --strict\)"):
+        hf_to_megatron(src, tmp_path / "meg2", strict=True)
+    assert_nothing_written(tmp_path, "meg2")
+
+
+def test_existing_output_needs_overwrite(sources, tmp_path):
+    (tmp_path / "meg").mkdir()
+    (tmp_path / "meg" / "keep.txt").write_text("x")
+    with pytest.raises(ConversionError, match="exists and is not empty"):
+        hf_to_megatron(sources["tiny-tied"], tmp_path / "meg")
+    assert (tmp_path / "meg" / "keep.txt").read_text() == "x"
+    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg", overwrite=True)
+    assert not (tmp_path / "meg" / "keep.txt").exists() and (tmp_path / "meg" / "release" / ".metadata").is_file()
+
+
+def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
+    import hetero_convert.convert as conv
+
+    calls = {"n": 0}
+    real = conv.read_chunk
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError("disk vanished")
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "read_chunk", flaky)
+    with pytest.raises(ConversionError, match="disk vanished"):
+        hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg", tp=2, workers=2)
+    assert_nothing_written(tmp_path)
+
+
+def test_megatron_side_missing_and_unexpected_keys(sources, tmp_path):
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
+    desc_path = tmp_path / "meg" / "release" / "hetero_convert.json"
+    desc = json.loads(desc_path.read_text())
+    # Claim layer 6 (dummy, no tensors) has a SwiGLU FFN: its tensors are missing.
+    desc["plan"]["layers"][6]["ffn"] = {"kind": "swiglu", "width": 256, "ffn_mult": None}
+    desc_path.write_text(json.dumps(desc))
+    with pytest.raises(ConversionError, match=r"layer 6: missing tensor 'decoder.layers.6.mlp.linear_fc1.weight'"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    # Claim layer 0's FFN is removed: its stored tensors are then left over.
+    desc["plan"]["layers"][6]["ffn"] = {"kind": "none", "width": None, "ffn_mult": None}
+    desc["plan"]["layers"][0]["ffn"] = {"kind": "none", "width": None, "ffn_mult": None}
+    desc_path.write_text(json.dumps(desc))
+    with pytest.raises(ConversionError, match=r"unexpected tensor 'decoder.layers.0.mlp.linear_fc1.weight'"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    assert_nothing_written(tmp_path, "back")
+
+
+def test_megatron_side_wrong_shape(sources, tmp_path):
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
+    desc_path = tmp_path / "meg" / "release" / "hetero_convert.json"
+    desc = json.loads(desc_path.read_text())
+    desc["plan"]["layers"][1]["attention"]["num_kv_heads"] = 4
+    desc_path.write_text(json.dumps(desc))
+    with pytest.raises(ConversionError, match=r"layer 1: 'decoder.layers.1.self_attention.linear_qkv.weight' has "
+                                              r"shape \[192, 128\], the plan implies \[256, 128\]"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+
+
+def test_not_a_megatron_checkpoint(tmp_path):
+    with pytest.raises(ConversionError, match="neither a Megatron checkpoint root"):
+        megatron_to_hf(tmp_path, tmp_path / "back")
+
+
+def test_tokenizer_files_are_copied(sources, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg")
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", tokenizer_from=tok)
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == "{}"
+    gen = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 1, "eos_token_id": 2}
