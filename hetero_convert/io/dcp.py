@@ -1,10 +1,14 @@
 """torch.distributed.checkpoint (DCP) reads and writes, one tensor chunk at a time.
 
-Writing: DCP's FileSystemWriter asks the planner for each item's data (`resolve_data`) just before writing it.
-`LazySavePlanner` answers by producing the chunk on demand, so a checkpoint of any size is written through
-DCP's own file format and metadata code while only one chunk per writer thread is in memory. The items are
-grouped into one plan per (simulated) Megatron rank, so the data files are laid out as a Megatron run at that
-TP/PP layout would write them (`__{rank}_{k}.distcp`).
+Writing: the items are grouped into one plan per (simulated) Megatron rank, so the data files are laid out as
+a Megatron run at that TP/PP layout would write them (`__{rank}_{k}.distcp`), and each item's data is produced
+on demand by `LazySavePlanner.resolve_data`, so a checkpoint of any size is written while only one chunk per
+writer thread is in memory. DCP's own FileSystemWriter cannot promise that: in torch 2.13 its file loop keeps
+every tensor of a data file referenced until the file is finished (a dict it fills for its safetensors
+variant), so a rank's whole data would sit in memory. `StreamingWriter` therefore replaces only the data-file
+loop: each item is serialised exactly as DCP does (torch.save of the chunk, raw bytes for objects), its
+`WriteResult` recorded, and the chunk released before the next one; the `.metadata` file is still written by
+DCP's own `finish`, and reading goes through DCP unchanged.
 
 Reading: `DCPReader` loads one key at a time (the whole global tensor, assembled from whatever chunks it was
 saved in), caching the metadata so a thousand keys do not re-read it a thousand times.
@@ -13,12 +17,15 @@ saved in), caching the metadata so a thousand keys do not re-read it a thousand 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -35,6 +42,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.storage import WriteResult
 
 
 def tensor_item(key: str, global_shape, offsets, sizes, dtype: torch.dtype) -> WriteItem:
@@ -76,6 +84,48 @@ class LazySavePlanner(SavePlanner):
         raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
 
 
+def _item_bytes(item: WriteItem) -> int:
+    if item.type == WriteItemType.BYTE_IO:
+        return 0
+    n = item.tensor_data.properties.dtype.itemsize
+    for d in item.tensor_data.chunk.sizes:
+        n *= d
+    return n
+
+
+def split_by_bytes(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """Largest-first into the lightest bin; item order inside a bin follows the model order."""
+    bins = max(1, min(bins, len(items)))
+    order = {id(it): k for k, it in enumerate(items)}
+    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    for it in sorted(items, key=_item_bytes, reverse=True):
+        b = sizes.index(min(sizes))
+        buckets[b].append(it)
+        sizes[b] += _item_bytes(it)
+    return [sorted(b, key=lambda it: order[id(it)]) for b in buckets if b]
+
+
+class StreamingWriter(FileSystemWriter):
+    """FileSystemWriter whose data files are written one item at a time, each released once written."""
+
+    def write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        results = []
+        with open(Path(self.path) / name, "wb") as f:
+            for item in items:
+                data = planner.resolve_data(item)
+                offset = f.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    f.write(data.getbuffer())
+                else:
+                    torch.save(data, f)  # DCP's torch_save serialisation of one chunk
+                length = f.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+                del data
+        return results
+
+
 def write_checkpoint(
     path: str | Path,
     items_per_rank: list[list[WriteItem]],
@@ -87,23 +137,32 @@ def write_checkpoint(
 ):
     """Write the items of each rank into `__{rank}_{k}.distcp` files and the `.metadata` file.
 
-    `ranks` restricts the data writing to those ranks (several processes can share one job, each writing its
-    own files); the metadata always describes every rank's items and is written only if `write_metadata`.
+    `threads` files are written at once. A rank's items go into max(1, threads // ranks) files, so one rank
+    alone still gets every thread. `ranks` restricts the data writing to those ranks (several processes can
+    share one job, each writing its own files); the metadata always describes every rank's items and is
+    written only if `write_metadata`. `after_rank(rank)` runs once each rank's files are complete.
     """
-    writer = FileSystemWriter(str(path), thread_count=max(1, threads), sync_files=False, overwrite=True)
+    threads = max(1, threads)
+    writer = StreamingWriter(str(path), sync_files=False, overwrite=True)
     writer.set_up_storage_writer(True)
     plans = [writer.prepare_local_plan(SavePlan(items)) for items in items_per_rank]
     plans, metadata = create_default_global_save_plan(plans)
     plans = writer.prepare_global_plan(plans)
     planner = LazySavePlanner(resolve)
-    results = []
-    for rank, plan in enumerate(plans):
-        if ranks is not None and rank not in ranks:
-            continue
-        if plan.items:
-            results.append(writer.write_data(plan, planner).value())
-        if after_rank is not None:
-            after_rank(rank)
+    selected = [r for r in range(len(plans)) if ranks is None or r in ranks]
+    per_rank = max(1, threads // max(1, len(selected)))
+    tasks = [(rank, f"{plans[rank].storage_data.prefix}{k}.distcp", bucket)
+             for rank in selected for k, bucket in enumerate(split_by_bytes(plans[rank].items, per_rank))]
+    results: list[list[WriteResult]] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [(rank, pool.submit(writer.write_file, name, bucket, planner)) for rank, name, bucket in tasks]
+        done_ranks: dict[int, list[WriteResult]] = {r: [] for r in selected}
+        for rank, fut in futures:
+            done_ranks[rank] += fut.result()
+        for rank in selected:
+            results.append(done_ranks[rank])
+            if after_rank is not None:
+                after_rank(rank)
     if write_metadata:
         writer.finish(metadata, results)
     return metadata, results
@@ -156,7 +215,9 @@ class DCPReader:
     def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         md = self.metadata.state_dict_metadata[key]
         out = torch.empty(tuple(md.size), dtype=dtype or md.properties.dtype)
-        dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore")
+            dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
         return out
 
     def data_files(self) -> list[Path]:
