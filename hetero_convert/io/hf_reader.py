@@ -1,21 +1,22 @@
 """Lazy, validated reads of a HF safetensors checkpoint (single file or sharded with an index).
 
-Nothing is loaded up front: `open_checkpoint` reads only the index and each shard's JSON header, and checks
+Nothing is loaded up front: `HFCheckpoint` reads only the index and each shard's JSON header, and checks
 that the files can hold what the headers promise (a truncated shard is caught here, naming the tensors whose
-bytes are missing). Tensors are then read one slice at a time through safetensors' own `safe_open`, which
-memory-maps the file: a tensor-parallel chunk reads only its own rows.
+bytes are missing). Tensors are then read one row range at a time: a tensor-parallel chunk reads only its own
+rows. (Layout per the safetensors spec: u64 little-endian header size, JSON header, then each tensor's
+row-major bytes at its data_offsets.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,6 +37,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute byte offset of the tensor's data in the file
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -109,7 +111,7 @@ class HFCheckpoint:
                     )
                 if name in self.tensors:
                     raise CheckpointError(f"tensor '{name}' appears in both {self.tensors[name].file.name} and {fname}")
-                self.tensors[name] = TensorInfo(name, path, dtype, shape, expect)
+                self.tensors[name] = TensorInfo(name, path, dtype, shape, expect, data_start + begin)
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f)
             if absent:
@@ -121,23 +123,39 @@ class HFCheckpoint:
                 raise CheckpointError(f"shards hold {len(unindexed)} tensor(s) the index does not name: {unindexed[:5]}")
 
     # ---- reading ------------------------------------------------------------------------------------------
-    def _handle(self, path: Path):
-        # One safe_open handle per file per thread: handles are cheap (mmap) and need no locking this way.
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        return handles[path]
+    # Reads use pread on the raw file rather than safetensors' memory map: mapped pages that were read stay
+    # resident and count against the process, so converting a 500 GB checkpoint through a map would look
+    # like (and, under memory pressure, behave like) holding it. A row range of a row-major tensor is one
+    # contiguous byte range, read straight into the tensor's own buffer.
+    def _fd(self, path: Path) -> int:
+        fds = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = self._local.fds = {}
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""
         info = self.tensors[name]
-        if rows is None and cols is None:
-            return self._handle(info.file).get_tensor(name)
-        sl = self._handle(info.file).get_slice(name)
-        rows = rows or slice(None)
-        return sl[rows, cols] if cols is not None else sl[rows]
+        shape = info.shape
+        r0, r1, _ = (rows or slice(None)).indices(shape[0]) if shape else (0, 1, 1)
+        row_numel = _prod(shape[1:])
+        itemsize = info.dtype.itemsize
+        out = torch.empty((r1 - r0,) + tuple(shape[1:]), dtype=info.dtype)
+        nbytes = (r1 - r0) * row_numel * itemsize
+        if nbytes:
+            buf = out.view(-1).view(torch.uint8).numpy()
+            offset = info.offset + r0 * row_numel * itemsize
+            fd, done = self._fd(info.file), 0
+            while done < nbytes:
+                n = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file.name}: unexpected end of file reading tensor '{name}'")
+                done += n
+        if cols is not None:
+            out = out[:, cols].contiguous()
+        return out
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
