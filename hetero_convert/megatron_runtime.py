@@ -268,7 +268,11 @@ def load_checkpoint(model, ckpt_dir: str | Path, strict: str = "raise_unexpected
     """
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir), strict=strict)
+    requested = model.sharded_state_dict()
+    state = dist_checkpointing.load(requested, str(ckpt_dir), strict=strict)
+    # megatron merges common.pt into the result; a Megatron-LM checkpoint (or ours) keeps `iteration`,
+    # `checkpoint_version`, `args` there. Only what the model asked for is model state.
+    state = {k: v for k, v in state.items() if k in requested}
     # strict=True: a parameter megatron's load did not fill must fail, not keep its random init. (The
     # sharded dict does not request `output_layer._extra_state`; megatron's linear layers default-fill
     # absent `_extra_state` entries in a load pre-hook, so strict mode does not trip over it.)
