@@ -223,6 +223,24 @@ def report_summary(s, as_json: bool):
                   f"({human_bytes(rate)}/s) -> {s.output}", highlight=False)
 
 
+DISTRIBUTED_HELP = ("Split the work over the processes of a torchrun job (default: when WORLD_SIZE > 1); "
+                    "output on a filesystem every process sees")
+
+
+def coordinator() -> bool:
+    """Under torchrun only rank 0 prints the summary (every process returns the same one)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail_job(e: Exception):
+    """Every process of a failed distributed job raises the same error: rank 0 alone prints it."""
+    if type(e).__name__ == "JobFailed" and not coordinator():
+        raise typer.Exit(1)
+    fail(str(e))
+
+
 @app.command("hf-to-megatron")
 def hf_to_megatron_cmd(
     hf_dir: Path = typer.Argument(..., help="HF checkpoint directory (config.json + safetensors)"),
@@ -234,6 +252,7 @@ def hf_to_megatron_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
 ):
     """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
     from .convert import ConversionError, hf_to_megatron
@@ -243,12 +262,13 @@ def hf_to_megatron_cmd(
 
     try:
         total = HFCheckpoint(hf_dir).total_bytes()
-        with Progress(total, "hf-to-megatron", not as_json) as prog:
+        with Progress(total, "hf-to-megatron", not as_json and coordinator()) as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
-                               strict=strict, progress=prog)
+                               strict=strict, progress=prog, distributed=distributed)
     except (ConversionError, CheckpointError, PlanError, LayoutError) as e:
-        fail(str(e))
-    report_summary(s, as_json)
+        fail_job(e)
+    if coordinator():
+        report_summary(s, as_json)
 
 
 @app.command("megatron-to-hf")
@@ -262,6 +282,7 @@ def megatron_to_hf_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
 ):
     """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF DeciLM checkpoint, streaming."""
     from .convert import ConversionError, megatron_to_hf
@@ -271,10 +292,59 @@ def megatron_to_hf_cmd(
         with Progress(0, "megatron-to-hf", False) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
-                               progress=prog)
+                               progress=prog, distributed=distributed)
     except (ConversionError, PlanError, FileNotFoundError) as e:
+        fail_job(e)
+    if coordinator():
+        report_summary(s, as_json)
+
+
+# ---- verify -------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    hf: Path = typer.Option(..., "--hf", help="HF checkpoint directory (the reference)"),
+    megatron: Path = typer.Option(..., "--megatron", help="Megatron torch_dist checkpoint to check"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    device: str = typer.Option("cpu", "--device", help="cuda | cpu (megatron-core on CPU with gloo)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (uses the tokenizer)"),
+    batch: int = typer.Option(2, "--batch", help="Random prompts: batch size (rows of different lengths)"),
+    seq_len: int = typer.Option(32, "--seq-len", help="Random prompts: longest row"),
+    seed: int = typer.Option(0, "--seed"),
+    max_rel_diff: Optional[float] = typer.Option(None, "--max-rel-diff", help="Override: max |diff| / max |logit|"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override: minimum top-1 agreement"),
+    max_mean_kl: Optional[float] = typer.Option(None, "--max-mean-kl", help="Override: maximum mean KL"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Scratch folder (needed when run under torchrun)"),
+    layers: bool = typer.Option(False, "--layers", help="Always print the per-layer table"),
+):
+    """Compare the logits of the HF model and the real Megatron model at every position; exit 1 on failure."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from .verify import print_report, verify as run_verify
+
+    overrides = {k: v for k, v in (("max_rel_diff", max_rel_diff), ("min_top1", min_top1),
+                                   ("max_mean_kl", max_mean_kl)) if v is not None}
+    if workdir is None and "TORCHELASTIC_RUN_ID" in os.environ:
+        import tempfile
+
+        workdir = Path(tempfile.gettempdir()) / f"hetero-convert-verify-{os.environ['TORCHELASTIC_RUN_ID']}"
+    try:
+        report = run_verify(hf, megatron, tp=tp, pp=pp, device=device, dtype=dtype, prompts=prompts, batch=batch,
+                            seq_len=seq_len, seed=seed, thresholds=overrides, workdir=workdir)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(str(e))
-    report_summary(s, as_json)
+    if report is None:  # a non-zero rank under the user's torchrun
+        return
+    print_report(report, console, show_layers=layers)
+    if json_out:
+        json_out.write_text(json.dumps(report.as_dict(), indent=1))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 # ---- demo ---------------------------------------------------------------------------------------------------
@@ -294,6 +364,65 @@ def demo(
     with tempfile.TemporaryDirectory() as tmp:
         ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console)
     raise typer.Exit(0 if ok else 1)
+
+
+# ---- plan-convert -------------------------------------------------------------------------------------------
+
+
+@app.command("plan-convert")
+def plan_convert(
+    path: Path = typer.Argument(..., help="A config.json or HF checkpoint directory (no weights needed)"),
+    ranks: int = typer.Option(..., "--ranks", help="Processes of the torchrun job (nodes x processes per node)"),
+    tp: int = typer.Option(1, "--tp", help="Megatron tensor-parallel size"),
+    pp: int = typer.Option(1, "--pp", help="Megatron pipeline-parallel size (hf-to-megatron)"),
+    direction: str = typer.Option("hf-to-megatron", "--direction", help="hf-to-megatron | megatron-to-hf"),
+    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep | bf16 | fp16 | fp32"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="HF shard size (megatron-to-hf)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Which process of a distributed conversion does what, and the bytes each reads and writes."""
+    from .convert import ConversionError
+    from .distributed import plan_conversion
+    from .layout import LayoutError
+    from .plan import PlanError
+
+    try:
+        d = plan_conversion(path, ranks, tp=tp, pp=pp, direction=direction, dtype=dtype,
+                            max_shard_size=max_shard_size)
+    except (ConversionError, PlanError, LayoutError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(d, indent=1))
+        return
+    t = Table(title=f"{direction} over {ranks} processes, TP={tp} PP={pp}: split by {d['granularity']}")
+    for col in ("rank", "assigned", "reads", "writes"):
+        t.add_column(col, justify="left" if col == "assigned" else "right")
+    for r in d["per_rank"]:
+        if "shards" in r:
+            what = f"shards {_ranges(r['shards'])}"
+        elif "megatron_ranks" in r:
+            what = f"Megatron ranks {_ranges(r['megatron_ranks'])}"
+        else:
+            what = "chunks of Megatron ranks " + ", ".join(f"{k}:{n}" for k, n in r["chunks_of_megatron_ranks"].items())
+        t.add_row(str(r["rank"]), what, human_bytes(r["read_bytes"]), human_bytes(r["write_bytes"]))
+    console.print(t)
+    console.print(f"total: reads {human_bytes(d['total_read_bytes'])}, writes {human_bytes(d['total_write_bytes'])} "
+                  f"({d['source_dtype']} -> {d['output_dtype']}); busiest process / mean = {d['max_over_mean']:.2f}",
+                  highlight=False)
+    if direction == "megatron-to-hf" and d["max_over_mean"] > 1.2:
+        console.print("(a whole shard is the unit of work here: a smaller --max-shard-size balances finer)")
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5': a 512-rank assignment stays one line."""
+    out, start = [], None
+    for k, x in enumerate(xs):
+        if start is None:
+            start = x
+        if k + 1 == len(xs) or xs[k + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ",".join(out) or "-"
 
 
 if __name__ == "__main__":

@@ -70,9 +70,8 @@ class Summary:
 # ---- shared plumbing ---------------------------------------------------------------------------------------
 
 
-@contextmanager
-def staged_output(out_dir: Path, overwrite: bool):
-    """Yield a temporary sibling of out_dir; rename it into place on success, delete it on failure."""
+def begin_staging(out_dir: Path, overwrite: bool) -> Path:
+    """Check out_dir may be written and create its hidden temporary sibling, which is returned."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ConversionError(f"{out_dir} exists and is not empty (use --overwrite to replace it)")
@@ -81,11 +80,12 @@ def staged_output(out_dir: Path, overwrite: bool):
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def commit_staging(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temporary directory into place (replacing an old out_dir only now)."""
+    out_dir = Path(out_dir)
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         out_dir.rename(old)
@@ -93,6 +93,18 @@ def staged_output(out_dir: Path, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out_dir)
+
+
+@contextmanager
+def staged_output(out_dir: Path, overwrite: bool):
+    """Yield a temporary sibling of out_dir; rename it into place on success, delete it on failure."""
+    tmp = begin_staging(out_dir, overwrite)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_staging(tmp, out_dir)
 
 
 class ErrorSink:
@@ -118,7 +130,11 @@ class ErrorSink:
 
 
 def check_finite(t: torch.Tensor, what: str, sink: ErrorSink, strict: bool) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # A NaN or Inf anywhere makes the fp32 sum non-finite, and the sum is several times faster than an
+    # elementwise isfinite on bf16; only a non-finite sum (or a finite overflow) pays for the exact count.
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         msg = f"{what}: {bad} NaN/Inf values"
         (sink.error if strict else sink.warn)(msg + (" (refused: --strict)" if strict else ""))
@@ -202,6 +218,75 @@ def describe_source(hf_dir: Path, plan: ModelPlan, config: dict, checksums: dict
             "file_sha256": checksums}
 
 
+class ToMegatronJob:
+    """hf_to_megatron's inputs, checked, and the Megatron chunks to write: shared by the single-process and the
+    distributed paths (each process builds the same job and writes its share of `items`)."""
+
+    def __init__(self, hf_dir: Path, out_dir: Path, tp: int, pp: int, dtype: str, strict: bool,
+                 progress: Callable[[int], None] | None):
+        if dtype not in DTYPE_OPTIONS:
+            raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
+        self.hf_dir, self.tp, self.pp, self.strict, self.progress = hf_dir, tp, pp, strict, progress
+        self.config = load_config(hf_dir)
+        self.plan = load_plan(self.config)
+        require_layout(self.plan, tp, pp)
+        self.ckpt = HFCheckpoint(hf_dir)
+        self.maps = bind(self.plan, tp, pp)
+        check_hf_sources(self.ckpt, self.maps)
+        self.want = DTYPE_OPTIONS[dtype]
+        self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
+        self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
+        self.sink, self.summary = ErrorSink(), Summary("hf-to-megatron", str(hf_dir), str(out_dir))
+        self.counter = threading.Lock()
+
+    def dtype_of(self, m: TensorMapping) -> torch.dtype:
+        return self.want or self.src_dtype[m.megatron]
+
+    def resolve(self, item):
+        if item.type.name == "BYTE_IO":
+            return extra_state_payload()
+        m, c = self.lookup[(item.index.fqn, tuple(item.index.offset))]
+        try:
+            t = read_chunk(self.ckpt, m, c.offsets, c.sizes, self.dtype_of(m))
+            check_finite(t, f"{layer_name(m)}: {m.megatron} (from {', '.join(m.hf)})", self.sink, self.strict)
+        except Exception as e:  # noqa: BLE001 - reported after the rank's files are written
+            self.sink.error(f"{layer_name(m)}: {m.megatron}: {type(e).__name__}: {e}")
+            t = torch.zeros(c.sizes, dtype=self.dtype_of(m))
+        with self.counter:
+            self.summary.bytes_written += t.numel() * t.element_size()
+            self.summary.tensors += 1
+        if self.progress:
+            self.progress(t.numel() * t.element_size())
+        return t
+
+    def write_description(self, root: Path, checks: dict) -> None:
+        """Everything but the data files: description, common.pt, metadata.json (last) and the tracker."""
+        iteration = root / ITERATION_DIR
+        description = {
+            "format": "hetero_convert.megatron", "format_version": FORMAT_VERSION,
+            "plan": self.plan.to_json(),
+            "hf_block_configs": self.plan.hf_block_configs(),
+            "megatron_block_configs": self.plan.megatron_block_configs(),
+            "tensor_parallel": self.tp, "pipeline_parallel": self.pp,
+            "padded_vocab_size": self.maps[0].shape[0],
+            "dtype": str(self.want or sorted({str(d) for d in self.src_dtype.values()})[0]).replace("torch.", ""),
+            "source": describe_source(self.hf_dir, self.plan, self.config, checks),
+        }
+        (iteration / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1))
+        torch.save({"iteration": 0, "checkpoint_version": 3.0}, iteration / "common.pt")
+        # metadata.json last: without it megatron does not treat the directory as a checkpoint.
+        (iteration / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        (root / TRACKER_FILE).write_text(ITERATION_DIR)
+
+    def finish_summary(self, t0: float, files: int) -> Summary:
+        s = self.summary
+        s.bytes_read = sum(self.ckpt.tensors[k].nbytes for m in self.maps for k in m.hf)
+        s.warnings = self.sink.warnings
+        s.seconds = time.time() - t0
+        s.layout = {"tp": self.tp, "pp": self.pp, "files": files}
+        return s
+
+
 def hf_to_megatron(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -213,72 +298,36 @@ def hf_to_megatron(
     strict: bool = False,
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
+    distributed: bool | None = False,
 ) -> Summary:
+    """`distributed`: True = split the work over the torch.distributed job this process is part of (see
+    hetero_convert.distributed), None = do so when launched by torchrun with WORLD_SIZE > 1."""
+    if distributed or (distributed is None and _launched_distributed()):
+        from .distributed import hf_to_megatron_distributed
+
+        return hf_to_megatron_distributed(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers,
+                                          overwrite=overwrite, strict=strict, checksums=checksums,
+                                          progress=progress)
     t0 = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if dtype not in DTYPE_OPTIONS:
-        raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
-    config = load_config(hf_dir)
-    plan = load_plan(config)
-    require_layout(plan, tp, pp)
-    ckpt = HFCheckpoint(hf_dir)
-    maps = bind(plan, tp, pp)
-    check_hf_sources(ckpt, maps)
-
-    want = DTYPE_OPTIONS[dtype]
-    src_dtype = {m.megatron: ckpt.tensors[m.hf[0]].dtype for m in maps}
-    dtype_of = lambda m: want or src_dtype[m.megatron]  # noqa: E731
-    items, lookup = megatron_write_items(maps, tp, pp, dtype_of)
-    sink, summary = ErrorSink(), Summary("hf-to-megatron", str(hf_dir), str(out_dir))
-    counter = threading.Lock()
-
-    def resolve(item):
-        if item.type.name == "BYTE_IO":
-            return extra_state_payload()
-        m, c = lookup[(item.index.fqn, tuple(item.index.offset))]
-        try:
-            t = read_chunk(ckpt, m, c.offsets, c.sizes, dtype_of(m))
-            check_finite(t, f"{layer_name(m)}: {m.megatron} (from {', '.join(m.hf)})", sink, strict)
-        except Exception as e:  # noqa: BLE001 - reported after the rank's files are written
-            sink.error(f"{layer_name(m)}: {m.megatron}: {type(e).__name__}: {e}")
-            t = torch.zeros(c.sizes, dtype=dtype_of(m))
-        with counter:
-            summary.bytes_written += t.numel() * t.element_size()
-            summary.tensors += 1
-        if progress:
-            progress(t.numel() * t.element_size())
-        return t
-
+    job = ToMegatronJob(hf_dir, out_dir, tp, pp, dtype, strict, progress)
     with staged_output(out_dir, overwrite) as tmp:
         iteration = tmp / ITERATION_DIR
         iteration.mkdir()
         pool = ThreadPoolExecutor(max_workers=1) if checksums else None
-        sums = {f.name: pool.submit(sha256_file, f) for f in ckpt.files()} if pool else {}
-        write_checkpoint(iteration, items, resolve, threads=workers, after_rank=lambda r: sink.raise_if_any())
-        sink.raise_if_any()
+        sums = {f.name: pool.submit(sha256_file, f) for f in job.ckpt.files()} if pool else {}
+        write_checkpoint(iteration, job.items, job.resolve, threads=workers,
+                         after_rank=lambda r: job.sink.raise_if_any())
+        job.sink.raise_if_any()
         checks = {name: fut.result() for name, fut in sums.items()}
         if pool:
             pool.shutdown()
-        description = {
-            "format": "hetero_convert.megatron", "format_version": FORMAT_VERSION,
-            "plan": plan.to_json(),
-            "hf_block_configs": plan.hf_block_configs(),
-            "megatron_block_configs": plan.megatron_block_configs(),
-            "tensor_parallel": tp, "pipeline_parallel": pp,
-            "padded_vocab_size": maps[0].shape[0],
-            "dtype": str(want or sorted({str(d) for d in src_dtype.values()})[0]).replace("torch.", ""),
-            "source": describe_source(hf_dir, plan, config, checks),
-        }
-        (iteration / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1))
-        torch.save({"iteration": 0, "checkpoint_version": 3.0}, iteration / "common.pt")
-        # metadata.json last: without it megatron does not treat the directory as a checkpoint.
-        (iteration / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
-        (tmp / TRACKER_FILE).write_text(ITERATION_DIR)
-    summary.bytes_read = sum(ckpt.tensors[k].nbytes for m in maps for k in m.hf)
-    summary.warnings = sink.warnings
-    summary.seconds = time.time() - t0
-    summary.layout = {"tp": tp, "pp": pp, "files": len(list((out_dir / ITERATION_DIR).glob("*.distcp")))}
-    return summary
+        job.write_description(tmp, checks)
+    return job.finish_summary(t0, len(list((out_dir / ITERATION_DIR).glob("*.distcp"))))
+
+
+def _launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 # ---- Megatron -> HF ------------------------------------------------------------------------------------------
@@ -423,6 +472,79 @@ def write_hf_metadata(out: Path, plan: ModelPlan, dtype: torch.dtype, tokenizer_
             raise ConversionError(f"--tokenizer-from {tokenizer_from}: no tokenizer files found there")
 
 
+class ToHFJob:
+    """megatron_to_hf's inputs, checked, and the safetensors shards to write: shared by the single-process and
+    the distributed paths (each process builds the same job and writes its share of the shards)."""
+
+    def __init__(self, megatron_dir, out_dir, max_shard_size, dtype: str, strict: bool,
+                 progress: Callable[[int], None] | None):
+        if dtype not in DTYPE_OPTIONS:
+            raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
+        self.strict, self.progress = strict, progress
+        it_dir = iteration_dir(megatron_dir)
+        self.plan, _ = read_plan_from_megatron(it_dir)
+        self.reader = DCPReader(it_dir)
+        self.maps = bind(self.plan)
+        check_megatron_keys(self.reader, self.maps)
+        self.stored = self.reader.tensor_keys()
+        self.want = DTYPE_OPTIONS[dtype]
+        self.shards = shard_groups(self.maps, parse_size(max_shard_size), lambda m: self.dtype_of(m).itemsize)
+        n = len(self.shards)
+        self.names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+                      for k in range(n)]
+        self.sink, self.summary = ErrorSink(), Summary("megatron-to-hf", str(megatron_dir), str(out_dir))
+        self.lock = threading.Lock()
+
+    def dtype_of(self, m: TensorMapping) -> torch.dtype:
+        return self.want or self.stored[m.megatron].properties.dtype
+
+    def write_shard(self, k: int, path: Path):
+        layout = [(key, self.dtype_of(m), shape) for m in self.shards[k] for key, shape in zip(m.hf, m.hf_shapes)]
+        w = StreamingSafetensorsWriter(path, layout)
+        try:
+            for m in self.shards[k]:
+                full = self.reader.load(m.megatron)
+                for key, t in zip(m.hf, split_to_hf(m, full)):
+                    t = t.to(self.dtype_of(m))
+                    check_finite(t, f"{layer_name(m)}: {key}", self.sink, self.strict)
+                    w.write(key, t)
+                    with self.lock:
+                        self.summary.tensors += 1
+                        self.summary.bytes_written += t.numel() * t.element_size()
+                    if self.progress:
+                        self.progress(t.numel() * t.element_size())
+                with self.lock:
+                    self.summary.bytes_read += full.numel() * full.element_size()
+                del full
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+
+    def write_shards(self, tmp: Path, shards: list[int], workers: int) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(self.write_shard, k, tmp / self.names[k]) for k in shards]
+            for f in futures:
+                f.result()
+
+    def write_metadata(self, tmp: Path, tokenizer_from) -> None:
+        """Everything but the shards: the index (when sharded), config.json, generation config, remote code."""
+        n = len(self.shards)
+        if n > 1:
+            weight_map = {key: self.names[k] for k in range(n) for m in self.shards[k] for key in m.hf}
+            total = sum(_numel(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype
+        write_hf_metadata(tmp, self.plan, out_dtype, Path(tokenizer_from) if tokenizer_from else None)
+
+    def finish_summary(self, t0: float) -> Summary:
+        self.summary.warnings = self.sink.warnings
+        self.summary.seconds = time.time() - t0
+        self.summary.layout = {"shards": len(self.shards)}
+        return self.summary
+
+
 def megatron_to_hf(
     megatron_dir: str | Path,
     out_dir: str | Path,
@@ -433,64 +555,22 @@ def megatron_to_hf(
     overwrite: bool = False,
     strict: bool = False,
     progress: Callable[[int], None] | None = None,
+    distributed: bool | None = False,
 ) -> Summary:
+    """`distributed`: as for hf_to_megatron (True, or None = when launched by torchrun with WORLD_SIZE > 1)."""
+    if distributed or (distributed is None and _launched_distributed()):
+        from .distributed import megatron_to_hf_distributed
+
+        return megatron_to_hf_distributed(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+                                          tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite,
+                                          strict=strict, progress=progress)
     t0 = time.time()
-    if dtype not in DTYPE_OPTIONS:
-        raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
-    it_dir = iteration_dir(megatron_dir)
-    plan, _ = read_plan_from_megatron(it_dir)
-    reader = DCPReader(it_dir)
-    maps = bind(plan)
-    check_megatron_keys(reader, maps)
-    stored = reader.tensor_keys()
-    want = DTYPE_OPTIONS[dtype]
-    dtype_of = lambda m: want or stored[m.megatron].properties.dtype  # noqa: E731
-    shards = shard_groups(maps, parse_size(max_shard_size), lambda m: dtype_of(m).itemsize)
-    n = len(shards)
-    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for k in range(n)]
-    sink, summary = ErrorSink(), Summary("megatron-to-hf", str(megatron_dir), str(out_dir))
-    lock = threading.Lock()
-
-    def write_shard(k: int, path: Path):
-        layout = [(key, dtype_of(m), shape) for m in shards[k] for key, shape in zip(m.hf, m.hf_shapes)]
-        w = StreamingSafetensorsWriter(path, layout)
-        try:
-            for m in shards[k]:
-                full = reader.load(m.megatron)
-                for key, t in zip(m.hf, split_to_hf(m, full)):
-                    t = t.to(dtype_of(m))
-                    check_finite(t, f"{layer_name(m)}: {key}", sink, strict)
-                    w.write(key, t)
-                    with lock:
-                        summary.tensors += 1
-                        summary.bytes_written += t.numel() * t.element_size()
-                    if progress:
-                        progress(t.numel() * t.element_size())
-                with lock:
-                    summary.bytes_read += full.numel() * full.element_size()
-                del full
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-
+    job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress)
     with staged_output(Path(out_dir), overwrite) as tmp:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(write_shard, k, tmp / names[k]) for k in range(n)]
-            for f in futures:
-                f.result()
-        sink.raise_if_any()
-        if n > 1:
-            weight_map = {key: names[k] for k in range(n) for m in shards[k] for key in m.hf}
-            total = sum(_numel(s) * dtype_of(m).itemsize for m in maps for s in m.hf_shapes)
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        out_dtype = want or stored[maps[0].megatron].properties.dtype
-        write_hf_metadata(tmp, plan, out_dtype, Path(tokenizer_from) if tokenizer_from else None)
-    summary.warnings = sink.warnings
-    summary.seconds = time.time() - t0
-    summary.layout = {"shards": n}
-    return summary
+        job.write_shards(tmp, list(range(len(job.shards))), workers)
+        job.sink.raise_if_any()
+        job.write_metadata(tmp, tokenizer_from)
+    return job.finish_summary(t0)
 
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "ConversionError", "CheckpointError", "Summary"]

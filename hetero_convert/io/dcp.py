@@ -134,6 +134,8 @@ def write_checkpoint(
     after_rank: Callable[[int], None] | None = None,
     ranks: list[int] | None = None,
     write_metadata: bool = True,
+    subset: dict[int, list[int]] | None = None,
+    file_tag: str = "",
 ):
     """Write the items of each rank into `__{rank}_{k}.distcp` files and the `.metadata` file.
 
@@ -141,6 +143,9 @@ def write_checkpoint(
     alone still gets every thread. `ranks` restricts the data writing to those ranks (several processes can
     share one job, each writing its own files); the metadata always describes every rank's items and is
     written only if `write_metadata`. `after_rank(rank)` runs once each rank's files are complete.
+    `subset` {rank: item indices} writes only those items of a rank (on top of `ranks`), into
+    `__{rank}_{file_tag}{k}.distcp`: when a job has more processes than ranks, several processes share one
+    rank's items and the tag keeps their files apart (DCP finds data through `.metadata`, never by file name).
     """
     threads = max(1, threads)
     writer = StreamingWriter(str(path), sync_files=False, overwrite=True)
@@ -149,10 +154,14 @@ def write_checkpoint(
     plans, metadata = create_default_global_save_plan(plans)
     plans = writer.prepare_global_plan(plans)
     planner = LazySavePlanner(resolve)
-    selected = [r for r in range(len(plans)) if ranks is None or r in ranks]
+    subset = subset or {}
+    whole = [r for r in range(len(plans)) if (ranks is None or r in ranks) and r not in subset]
+    parts = {r: ([plans[r].items[i] for i in subset[r]], f"__{r}_{file_tag}") for r in sorted(subset)}
+    selected = sorted(whole + list(parts))
     per_rank = max(1, threads // max(1, len(selected)))
-    tasks = [(rank, f"{plans[rank].storage_data.prefix}{k}.distcp", bucket)
-             for rank in selected for k, bucket in enumerate(split_by_bytes(plans[rank].items, per_rank))]
+    todo = {r: (plans[r].items, plans[r].storage_data.prefix) for r in whole} | parts
+    tasks = [(rank, f"{todo[rank][1]}{k}.distcp", bucket)
+             for rank in selected for k, bucket in enumerate(split_by_bytes(todo[rank][0], per_rank))]
     results: list[list[WriteResult]] = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [(rank, pool.submit(writer.write_file, name, bucket, planner)) for rank, name, bucket in tasks]

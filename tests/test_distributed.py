@@ -1,0 +1,159 @@
+"""Conversion under torchrun (CPU, gloo): same result as one process, byte-balanced split, clean failure.
+
+Each torchrun job is a real multi-process run of the unchanged CLI, compared with the single-process
+conversion of the same fixture: every tensor bit for bit, the DCP metadata's keys, shapes and chunk offsets,
+and the HF side file by file.
+"""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetero_convert.convert import hf_to_megatron, megatron_to_hf
+from hetero_convert.demo import compare_checkpoints
+from hetero_convert.distributed import FAIL_RANK_ENV, assign_megatron, balance, plan_conversion
+from hetero_convert.fixtures import write_random_checkpoint
+from hetero_convert.io.dcp import DCPReader
+from hetero_convert.mappings import expected_hf_keys
+from hetero_convert.plan import load_plan
+
+SUPER_49B = Path("/work/shared/fixtures/configs/Llama-3_3-Nemotron-Super-49B-v1.json")
+
+
+def torchrun(nproc: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "hetero_convert.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    return {name: write_random_checkpoint(name, root / name, seed=5, max_shard_bytes=400_000)
+            for name in ("tiny-every-kind", "tiny-ultra-kinds", "tiny-llama")}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_same_megatron(a: Path, b: Path):
+    ra, rb = DCPReader(a / "release"), DCPReader(b / "release")
+    ka, kb = ra.tensor_keys(), rb.tensor_keys()
+    assert set(ka) == set(kb) and set(ra.object_keys()) == set(rb.object_keys())
+    for key, md in ka.items():
+        assert md.size == kb[key].size and md.properties.dtype == kb[key].properties.dtype, key
+        chunks = lambda m: sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks)  # noqa: E731
+        assert chunks(md) == chunks(kb[key]), key
+        assert torch.equal(bits(ra.load(key)), bits(rb.load(key))), key
+    for name in ("hetero_convert.json", "metadata.json"):
+        assert json.loads((a / "release" / name).read_text()) == json.loads((b / "release" / name).read_text())
+    assert (a / "latest_checkpointed_iteration.txt").read_text() == (b / "latest_checkpointed_iteration.txt").read_text()
+
+
+def assert_same_tree(a: Path, b: Path):
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for n in names:
+        assert filecmp.cmp(a / n, b / n, shallow=False), n
+
+
+def assert_no_output(out: Path):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.iterdir())
+
+
+# ---- real torchrun jobs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nproc,name,tp,pp", [
+    (2, "tiny-every-kind", 2, 2),  # 4 Megatron ranks over 2 processes: whole ranks, Megatron's file names
+    (4, "tiny-ultra-kinds", 1, 2),  # 2 Megatron ranks over 4 processes: split chunk by chunk
+    (2, "tiny-llama", 1, 1),  # 1 Megatron rank: chunk by chunk, a Llama comes back a Llama
+])
+def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, pp):
+    src = sources[name]
+    hf_to_megatron(src, tmp_path / "meg1", tp=tp, pp=pp)
+    megatron_to_hf(tmp_path / "meg1", tmp_path / "hf1", max_shard_size="300KB")
+
+    r = torchrun(nproc, "hf-to-megatron", src, tmp_path / "megN", "--tp", tp, "--pp", pp, "--workers", 2, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)  # rank 0 alone prints it
+    assert summary["layout"]["processes"] == nproc
+    assert_same_megatron(tmp_path / "meg1", tmp_path / "megN")
+    files = sorted(p.name for p in (tmp_path / "megN" / "release").glob("*.distcp"))
+    if tp * pp >= nproc:
+        assert files == sorted(p.name for p in (tmp_path / "meg1" / "release").glob("*.distcp"))
+    else:
+        assert all("_p" in f for f in files) and len({f.split("_p")[1][0] for f in files}) == nproc
+
+    r = torchrun(nproc, "megatron-to-hf", tmp_path / "megN", tmp_path / "hfN", "--max-shard-size", "300KB")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_tree(tmp_path / "hf1", tmp_path / "hfN")
+    n, bad = compare_checkpoints(src, tmp_path / "hfN")
+    assert n > 0 and bad == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("direction,fail_rank", [("hf-to-megatron", 1), ("megatron-to-hf", 0)])
+def test_a_failed_rank_fails_the_job_and_leaves_nothing(sources, tmp_path, direction, fail_rank):
+    src = sources["tiny-every-kind"]
+    if direction == "hf-to-megatron":
+        args = ["hf-to-megatron", src, tmp_path / "out", "--tp", 2]
+    else:
+        hf_to_megatron(src, tmp_path / "meg", tp=2)
+        args = ["megatron-to-hf", tmp_path / "meg", tmp_path / "out", "--max-shard-size", "300KB"]
+    r = torchrun(2, *args, env={FAIL_RANK_ENV: str(fail_rank)})
+    assert r.returncode != 0
+    msg = " ".join(r.stderr.split())  # rich wraps long lines
+    expect = (f"rank {fail_rank} of 2 failed while converting its share: RuntimeError: injected failure on "
+              f"rank {fail_rank}")
+    assert expect in msg and msg.count("error:") == 1, r.stderr[-3000:]
+    assert_no_output(tmp_path / "out")
+
+
+# ---- assignment and planning, in process ----------------------------------------------------------------
+
+
+def test_balance_is_largest_first_and_deterministic():
+    costs = [1, 9, 1, 1, 5, 4, 1, 0]
+    bins = balance(costs, 3)
+    assert sorted(i for b in bins for i in b) == list(range(len(costs)))
+    assert [sum(costs[i] for i in b) for b in bins] == [9, 7, 6]  # 9 | 5+1+1 | 4+1+1+0
+    assert bins == balance(costs, 3)
+
+
+def test_megatron_ranks_balanced_by_bytes_not_count():
+    # One huge rank (an FFN-heavy stage) and six tiny ones (dummy layers): counts would pair it with three.
+    read = [[100]] + [[1]] * 6
+    shares = assign_megatron(read, read, 2)
+    assert [s.ranks for s in shares] == [[0], [1, 2, 3, 4, 5, 6]]
+    # Fewer ranks than processes: chunks are spread, each exactly once.
+    read = [[50, 30, 20, 0], [40]]
+    shares = assign_megatron(read, read, 3)
+    got = sorted((r, i) for s in shares for r, idx in s.subset.items() for i in idx)
+    assert got == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)] and not any(s.ranks for s in shares)
+    assert sorted(s.read_bytes for s in shares) == [40, 50, 50]  # 50 | 40 | 30+20+0
+
+
+def test_plan_convert_full_size_without_weights():
+    if not SUPER_49B.is_file():
+        pytest.skip("shared Super-49B config not present")
+    plan = load_plan(SUPER_49B)
+    hf_bytes = 2 * sum(torch.Size(s).numel() for s in expected_hf_keys(plan).values())
+    d = plan_conversion(SUPER_49B, 4, tp=8, pp=2)
+    assert d["granularity"] == "megatron-rank" and d["megatron_ranks"] == 16
+    assert d["total_read_bytes"] == hf_bytes  # every source byte read exactly once across the job
+    assert d["max_over_mean"] < 1.01
+    d = plan_conversion(SUPER_49B, 16, direction="megatron-to-hf")
+    assert d["total_write_bytes"] == hf_bytes and len(d["per_rank"]) == 16
+    r = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "plan-convert", str(SUPER_49B), "--ranks", "3",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["total_read_bytes"] == hf_bytes
