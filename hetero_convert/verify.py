@@ -36,8 +36,10 @@ DEFAULT_THRESHOLDS = {
     "fp32": {"max_rel_diff": 1e-5, "min_top1": 1.0, "max_mean_kl": None},
     "bf16": {"max_rel_diff": None, "min_top1": 0.99, "max_mean_kl": 1e-3},
 }
-# Per-layer hidden-state tolerance (max |diff| / max |HF hidden|) used to localise a failure.
-LAYER_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+# Per-layer hidden-state tolerance (max |diff| / max |HF hidden|) used to localise a failure. In fp32 the
+# per-layer noise is ~5e-7 (summation order); a llama3 factor of 8 instead of 16 moves the first attention
+# layer's output by ~1e-4 at 24 positions, so the logits threshold itself is the right line.
+LAYER_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
