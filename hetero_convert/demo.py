@@ -27,7 +27,7 @@ def compare_checkpoints(a: Path, b: Path) -> tuple[int, list[str]]:
     return len(ta), bad
 
 
-def run_demo(workdir: Path, tp: int, pp: int, console: Console) -> bool:
+def run_demo(workdir: Path, tp: int, pp: int, console: Console, verify: bool = True) -> bool:
     import json
 
     from .convert import hf_to_megatron, megatron_to_hf
@@ -66,6 +66,13 @@ def run_demo(workdir: Path, tp: int, pp: int, console: Console) -> bool:
                   "[red]NO[/]" if layer_bad else ("[green]yes[/]" if plan.layer_parameters(layer)["total"] else "(empty)"))
     console.print(t)
     ok = not bad and same_blocks
+    if verify:
+        from .verify import print_report, verify as run_verify
+
+        console.print(f"4. verify: HF model vs megatron-core GPTModel at TP={tp} PP={pp} on CPU (gloo, fp32)")
+        report = run_verify(src, workdir / "megatron", tp=tp, pp=pp, device="cpu", dtype="fp32", batch=2, seq_len=32)
+        print_report(report, console)
+        ok = ok and report.ok
     console.print(f"{n} tensors compared: {'[green]all bit-exact[/]' if not bad else f'[red]{len(bad)} differ: {bad[:5]}[/]'}; "
                   f"block_configs {'equal' if same_blocks else '[red]differ[/]'}; total {time.time() - t0:.1f}s")
     return ok

@@ -114,8 +114,11 @@ def make_inputs(hf_dir: Path | None, vocab_size: int, prompts: Path | None = Non
 def load_hf_model(hf_dir: Path, dtype: str, device: str):
     """Our DeciLM for DeciLM checkpoints, transformers' own LlamaForCausalLM for Llama ones."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from . import hf as _register  # noqa: F401  (registers DeciLM with the Auto classes)
+
+    hf_logging.disable_progress_bar()
 
     cfg = load_config(hf_dir)
     kwargs = {"dtype": DTYPES[dtype]}
@@ -305,8 +308,7 @@ def verify(hf_dir: Path, megatron_dir: Path, **kw) -> ParityReport | None:
 def print_report(r: ParityReport, console, show_layers: bool = False) -> None:
     from rich.table import Table
 
-    t = Table(title=f"parity HF vs Megatron  TP={r.tp} PP={r.pp} {r.device} {r.dtype}  "
-                    f"({r.batch}x{r.seq_len}, {r.positions} positions)")
+    t = Table(title=f"HF vs Megatron, TP={r.tp} PP={r.pp} {r.device} {r.dtype}, {r.positions} positions")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in r.metrics.items():
