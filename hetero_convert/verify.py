@@ -32,9 +32,13 @@ from .plan import ModelPlan, load_config, load_plan
 #        agree everywhere.
 #  bf16: rounding differs between the two implementations at every layer, so elementwise differences are
 #        ~1e-2; the distributions must still agree (mean KL <= 1e-3) and the argmax almost everywhere (99%).
+#        "Almost everywhere" counts the positions where the reference's top-1 logit leads the runner-up by more
+#        than bf16 can resolve (2^-6 of max |logit|, a few bf16 ulps): below that, the order of the two is
+#        rounding noise in either implementation (it flips between HF-bf16 and HF-fp32 too), and random-weight
+#        models have many such near-ties. The raw agreement over all positions is reported next to it.
 DEFAULT_THRESHOLDS = {
-    "fp32": {"max_rel_diff": 1e-5, "min_top1": 1.0, "max_mean_kl": None},
-    "bf16": {"max_rel_diff": None, "min_top1": 0.99, "max_mean_kl": 1e-3},
+    "fp32": {"max_rel_diff": 1e-5, "min_top1": 1.0, "max_mean_kl": None, "top1_margin": 0.0},
+    "bf16": {"max_rel_diff": None, "min_top1": 0.99, "max_mean_kl": 1e-3, "top1_margin": 2.0**-6},
 }
 # Per-layer hidden-state tolerance (max |diff| / max |HF hidden|) used to localise a failure. In fp32 the
 # per-layer noise is ~5e-7 (summation order); a llama3 factor of 8 instead of 16 moves the first attention
@@ -187,8 +191,11 @@ def megatron_forward(cases: list[tuple[ModelPlan, Path]], ids: torch.Tensor, mas
 # ---- comparison ----------------------------------------------------------------------------------------------
 
 
-def compare_logits(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Metrics over every non-padding position. ref = HF, got = Megatron, both [b, s, V] fp32."""
+def compare_logits(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor, top1_margin: float = 0.0) -> dict:
+    """Metrics over every non-padding position. ref = HF, got = Megatron, both [b, s, V] fp32.
+
+    `top1_agreement_decisive` counts only positions where HF's best logit leads its second by more than
+    top1_margin * max |logit| (all positions when the margin is 0)."""
     keep = mask.bool()
     a, b = ref[keep].double(), got[keep].double()  # [positions, V]
     diff = (a - b).abs()
@@ -197,6 +204,9 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> 
     kl = (logp.exp() * (logp - logq)).sum(-1)
     top5_a, top5_b = a.topk(min(5, a.shape[-1]), -1).indices, b.topk(min(5, b.shape[-1]), -1).indices
     overlap = torch.tensor([len(set(x.tolist()) & set(y.tolist())) / x.numel() for x, y in zip(top5_a, top5_b)])
+    agree = a.argmax(-1) == b.argmax(-1)
+    top2 = a.topk(min(2, a.shape[-1]), -1).values
+    decisive = (top2[:, 0] - top2[:, -1]) > top1_margin * scale if top1_margin > 0 else torch.ones_like(agree)
     return {
         "max_abs_diff": diff.max().item(),
         "mean_abs_diff": diff.mean().item(),
@@ -204,7 +214,9 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor) -> 
         "max_abs_logit": scale,
         "cosine_min": torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item(),
         "cosine_mean": torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item(),
-        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
+        "top1_agreement": agree.double().mean().item(),
+        "top1_agreement_decisive": agree[decisive].double().mean().item() if bool(decisive.any()) else 1.0,
+        "decisive_fraction": decisive.double().mean().item(),
         "top5_overlap": overlap.mean().item(),
         "kl_mean": kl.mean().item(),
         "kl_max": kl.max().item(),
@@ -215,8 +227,11 @@ def check_thresholds(metrics: dict, thresholds: dict) -> list[str]:
     out = []
     if thresholds.get("max_rel_diff") is not None and not metrics["max_rel_diff"] <= thresholds["max_rel_diff"]:
         out.append(f"max |diff| / max |logit| = {metrics['max_rel_diff']:.3g} > {thresholds['max_rel_diff']:g}")
-    if thresholds.get("min_top1") is not None and not metrics["top1_agreement"] >= thresholds["min_top1"]:
-        out.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {thresholds['min_top1']:g}")
+    key = "top1_agreement_decisive" if thresholds.get("top1_margin") else "top1_agreement"
+    if thresholds.get("min_top1") is not None and not metrics[key] >= thresholds["min_top1"]:
+        out.append(f"top-1 agreement {metrics[key]:.4f} < {thresholds['min_top1']:g}"
+                   + (f" (positions with a top-1 margin > {thresholds['top1_margin']:.3g} of max |logit|)"
+                      if key != "top1_agreement" else ""))
     if thresholds.get("max_mean_kl") is not None and not metrics["kl_mean"] <= thresholds["max_mean_kl"]:
         out.append(f"mean KL(HF||Megatron) = {metrics['kl_mean']:.3g} > {thresholds['max_mean_kl']:g}")
     if not all(math.isfinite(v) for v in metrics.values()):
@@ -286,7 +301,7 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         return []
     reports = []
     for (hf_dir, meg_dir), plan, (ref_logits, ref_hidden), got in zip(pairs, plans, hf_out, meg_out):
-        metrics = compare_logits(ref_logits, got["logits"], mask)
+        metrics = compare_logits(ref_logits, got["logits"], mask, th.get("top1_margin") or 0.0)
         failures = check_thresholds(metrics, th)
         layers, first = localise(plan, ref_hidden, got.get("hidden", {}), mask, LAYER_TOLERANCE[dtype])
         if failures:

@@ -141,3 +141,19 @@ def test_verify_cli_exit_codes(converted, tmp_path):
     out = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "verify", "--hf", str(src), "--megatron",
                           str(meg), "--max-rel-diff", "0", "--min-top1", "1.0"], capture_output=True, text=True)
     assert out.returncode == 1 and "FAIL" in out.stdout
+
+
+def test_bf16_top1_counts_only_decisive_positions():
+    # Two positions: one clear winner, one near-tie whose order flips. The near-tie does not count in bf16.
+    a = torch.tensor([[[10.0, 0.0, 0.0], [5.0, 4.99, 0.0]]])
+    b = torch.tensor([[[10.0, 0.0, 0.0], [4.99, 5.0, 0.0]]])
+    mask = torch.ones(1, 2, dtype=torch.long)
+    m = compare_logits(a, b, mask, top1_margin=2.0**-6)
+    assert m["top1_agreement"] == 0.5 and m["top1_agreement_decisive"] == 1.0 and m["decisive_fraction"] == 0.5
+    # A flip at a decisive position is counted.
+    b2 = torch.tensor([[[0.0, 10.0, 0.0], [5.0, 4.99, 0.0]]])
+    assert compare_logits(a, b2, mask, top1_margin=2.0**-6)["top1_agreement_decisive"] == 0.0
+    from hetero_convert.verify import DEFAULT_THRESHOLDS, check_thresholds
+
+    assert check_thresholds(m, DEFAULT_THRESHOLDS["bf16"]) == []
+    assert check_thresholds(m, DEFAULT_THRESHOLDS["fp32"])  # fp32 counts every position
