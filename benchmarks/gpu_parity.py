@@ -106,11 +106,11 @@ def log(out: Path, row: dict) -> None:
 
 
 def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, prompts: Path | None, seq_len: int,
-             device: str = "cuda"):
+             device: str = "cuda", reshard: bool = True):
     plan = load_plan(hf_dir)
     ids, mask = make_inputs(hf_dir, plan.vocab_size, prompts, batch=4 if prompts else 2, seq_len=seq_len, seed=0)
     ckpts = {}
-    for tp in sorted({tp for tp, _ in layouts} | ({1, 2} if (2, 1) in layouts else set())):
+    for tp in sorted({tp for tp, _ in layouts} | ({1, 2} if (2, 1) in layouts and reshard else set())):
         t = time.time()
         hf_to_megatron(hf_dir, work / f"{name}-meg-tp{tp}", tp=tp, pp=1, workers=8, overwrite=True)
         ckpts[tp] = work / f"{name}-meg-tp{tp}"
@@ -120,7 +120,7 @@ def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, pr
         ref_logits, ref_hidden = hf_forward(hf_dir, ids, mask, dtype, device)
         hf_s = time.time() - t
         runs = [(tp, pp, tp) for tp, pp in layouts]  # load the checkpoint chunked at the same TP
-        if (2, 1) in layouts:
+        if (2, 1) in layouts and reshard:
             runs += [(1, 1, 2), (2, 1, 1)]  # resharding on load: TP2-chunked at TP1, TP1-chunked at TP2
         for tp, pp, chunked in runs:
             if device == "cuda" and tp * pp > torch.cuda.device_count():
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--smollm2-gguf", default=None)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
+    ap.add_argument("--reshard", default="super2b", help="cases that also load TP2-chunked at TP1 and back")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,8 @@ def main() -> None:
             if name == "smollm2":
                 hf_dir = smollm2_checkpoint(Path(args.smollm2_gguf), work / "smollm2-hf")
                 run_case(name, hf_dir, work, [l for l in layouts if 3 % l[0] == 0], dtypes, out,
-                         prompts_file(work / "prompts.txt"), args.seq_len, args.device)
+                         prompts_file(work / "prompts.txt"), args.seq_len, args.device,
+                         reshard=name in args.reshard.split(","))
             else:
                 from hetero_convert.fixtures import bundled_config
 
@@ -202,7 +204,8 @@ def main() -> None:
                 hf_dir = work / f"{name}-hf"
                 if not (hf_dir / "config.json").is_file():
                     write_random_checkpoint(cfg, hf_dir, seed=1, dtype=torch.bfloat16, max_shard_bytes=2 * 10**9)
-                run_case(name, hf_dir, work, layouts, dtypes, out, None, args.seq_len, args.device)
+                run_case(name, hf_dir, work, layouts, dtypes, out, None, args.seq_len, args.device,
+                         reshard=name in args.reshard.split(","))
         except Exception:  # noqa: BLE001
             log(out, {"case": name, "dtype": "-", "tp": "-", "pp": "-", "chunked_tp": "-",
                       "error": traceback.format_exc()[-3000:]})
