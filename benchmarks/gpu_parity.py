@@ -92,8 +92,17 @@ def smollm2_checkpoint(gguf: Path, out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: its weights are already
+    # dequantized to fp32, so move them into a plain Llama of the same config and save that.
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

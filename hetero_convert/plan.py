@@ -348,8 +348,8 @@ class _Parser:
             vocab_size=vocab,
             layers=tuple(layers),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            rope_scaling=parse_rope_scaling(c.get("rope_scaling")),
+            rope_theta=rope_theta(c),
+            rope_scaling=parse_rope_scaling(rope_scaling_dict(c)),
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
@@ -449,6 +449,24 @@ class _Parser:
         if mult <= 0:
             raise PlanError(f"layer {i}: ffn_mult must be positive, got {mult}")
         return FFN(SWIGLU, ffn_mult_to_width(mult, hidden), mult), False
+
+
+def rope_theta(c: dict) -> float:
+    """transformers 5.x saves RoPE as `rope_parameters: {"rope_theta": ..., "rope_type": ...}` and no top-level
+    `rope_theta`; reading only the old key would silently fall back to 10000 (seen on SmolLM2: theta 100000)."""
+    params = c.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        if c.get("rope_theta") is not None and float(c["rope_theta"]) != float(params["rope_theta"]):
+            raise PlanError(f"rope_theta {c['rope_theta']} contradicts rope_parameters.rope_theta {params['rope_theta']}")
+        return float(params["rope_theta"])
+    return float(c.get("rope_theta", 10000.0))
+
+
+def rope_scaling_dict(c: dict) -> dict | None:
+    if c.get("rope_scaling"):
+        return c["rope_scaling"]
+    params = c.get("rope_parameters") or {}
+    return params if params.get("rope_type", "default") != "default" else None
 
 
 def parse_rope_scaling(rs: dict | None) -> dict | None:

@@ -201,3 +201,19 @@ def test_rejections_name_the_layer(cfg, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(PlanError, match="no config.json"):
         load_plan(tmp_path)
+
+
+def test_transformers5_rope_parameters_are_read():
+    # transformers 5.x writes rope_parameters and no top-level rope_theta; the default must not be used.
+    cfg = base(intermediate_size=512, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    cfg.pop("rope_theta")
+    plan = load_plan(cfg)
+    assert plan.rope_theta == 100000.0 and plan.rope_scaling is None
+    llama3 = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = base(intermediate_size=512, rope_parameters=llama3)
+    cfg.pop("rope_theta")
+    plan = load_plan(cfg)
+    assert plan.rope_theta == 500000.0 and plan.rope_scaling["factor"] == 16.0
+    with pytest.raises(PlanError, match="contradicts"):
+        load_plan(base(intermediate_size=512, rope_theta=10000.0, rope_parameters={"rope_theta": 5e5}))
