@@ -36,7 +36,8 @@ from hetero_convert.convert import hf_to_megatron, iteration_dir, read_plan_from
 from hetero_convert.fixtures import write_random_checkpoint  # noqa: E402
 from hetero_convert.plan import load_plan  # noqa: E402
 from hetero_convert.verify import (  # noqa: E402
-    DEFAULT_THRESHOLDS, LAYER_TOLERANCE, check_thresholds, compare_logits, hf_forward, localise, make_inputs,
+    DEFAULT_THRESHOLDS, LAYER_TOLERANCE, bf16_against_fp32, check_thresholds, compare_logits, hf_forward, localise,
+    make_inputs,
     megatron_forward,
 )
 
@@ -124,9 +125,14 @@ def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, pr
         hf_to_megatron(hf_dir, work / f"{name}-meg-tp{tp}", tp=tp, pp=1, workers=8, overwrite=True)
         ckpts[tp] = work / f"{name}-meg-tp{tp}"
         print(f"{name}: converted with TP={tp} chunking in {time.time() - t:.1f}s", flush=True)
+    ref32 = None
     for dtype in dtypes:
         t = time.time()
         ref_logits, ref_hidden = hf_forward(hf_dir, ids, mask, dtype, device)
+        if dtype == "fp32":
+            ref32 = ref_logits
+        elif ref32 is None:
+            ref32 = hf_forward(hf_dir, ids, mask, "fp32", device, hidden=False)[0]
         hf_s = time.time() - t
         runs = [(tp, pp, tp) for tp, pp in layouts]  # load the checkpoint chunked at the same TP
         if (2, 1) in layouts and reshard:
@@ -142,7 +148,10 @@ def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, pr
             except Exception as e:  # noqa: BLE001 - record and go on with the other layouts
                 log(out, {"case": name, "dtype": dtype, "tp": tp, "pp": pp, "chunked_tp": chunked, "error": str(e)[-3000:]})
                 continue
-            metrics = compare_logits(ref_logits, got["logits"], mask, DEFAULT_THRESHOLDS[dtype]["top1_margin"])
+            margin = DEFAULT_THRESHOLDS[dtype]["top1_margin"]
+            metrics = compare_logits(ref_logits, got["logits"], mask, margin)
+            if dtype == "bf16":
+                metrics.update(bf16_against_fp32(ref32, ref_logits, got["logits"], mask, margin))
             failures = check_thresholds(metrics, DEFAULT_THRESHOLDS[dtype])
             layers, first = localise(meg_plan, ref_hidden, got.get("hidden", {}), mask, LAYER_TOLERANCE[dtype])
             log(out, {"case": name, "params": plan.num_parameters(), "dtype": dtype, "tp": tp, "pp": pp,
@@ -156,7 +165,9 @@ def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, pr
 def table(out: Path) -> str:
     rows = [json.loads(l) for l in (out / "parity.jsonl").read_text().splitlines() if l.strip()]
     head = ["case", "params", "dtype", "tp", "pp", "chunked_tp", "positions", "max_rel_diff", "top1_agreement",
-            "top1_agreement_decisive", "decisive_fraction", "top5_overlap", "kl_mean", "kl_max", "cosine_min", "ok"]
+            "top1_agreement_decisive", "top5_overlap", "kl_mean", "kl_max", "cosine_min",
+            "fp32ref_hf_bf16_kl_mean", "fp32ref_megatron_bf16_kl_mean", "fp32ref_hf_bf16_top1_decisive",
+            "fp32ref_megatron_bf16_top1_decisive", "ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:

@@ -31,14 +31,20 @@ from .plan import ModelPlan, load_config, load_plan
 #        of it, a wrong llama3 rope factor by ~1e-3. 1e-5 separates the two with margin, and the argmax must
 #        agree everywhere.
 #  bf16: rounding differs between the two implementations at every layer, so elementwise differences are
-#        ~1e-2; the distributions must still agree (mean KL <= 1e-3) and the argmax almost everywhere (99%).
-#        "Almost everywhere" counts the positions where the reference's top-1 logit leads the runner-up by more
-#        than bf16 can resolve (2^-6 of max |logit|, a few bf16 ulps): below that, the order of the two is
-#        rounding noise in either implementation (it flips between HF-bf16 and HF-fp32 too), and random-weight
-#        models have many such near-ties. The raw agreement over all positions is reported next to it.
+#        ~1e-2. Both bf16 models are judged against the fp32 HF model (the truth they both approximate):
+#        Megatron-bf16 must be about as faithful to it as HF-bf16 is.
+#        - KL: mean KL(HF-fp32 || Megatron-bf16) <= max(1e-3, 2 x mean KL(HF-fp32 || HF-bf16)). The 1e-3 bound
+#          alone is below bf16's own noise on real models: on SmolLM2-135M, HF-bf16 vs HF-fp32 is 1.16e-3 and
+#          Megatron-bf16 vs HF-fp32 1.11e-3 (CPU, docs/parity.md). A mapping bug gives 0.1 to 1.
+#        - top-1: Megatron-bf16's agreement with HF-fp32 >= 0.99 x HF-bf16's agreement with HF-fp32, counted
+#          at positions where the fp32 top-1 logit leads the runner-up by more than bf16 resolves (2^-6 of
+#          max |logit|, a few ulps). Below that the order is rounding noise in either implementation; random-
+#          weight models have many such near-ties. Raw agreement over all positions is reported too.
+#        The direct HF-bf16 vs Megatron-bf16 metrics are reported as well.
 DEFAULT_THRESHOLDS = {
     "fp32": {"max_rel_diff": 1e-5, "min_top1": 1.0, "max_mean_kl": None, "top1_margin": 0.0},
-    "bf16": {"max_rel_diff": None, "min_top1": 0.99, "max_mean_kl": 1e-3, "top1_margin": 2.0**-6},
+    "bf16": {"max_rel_diff": None, "min_top1": 0.99, "max_mean_kl": 1e-3, "top1_margin": 2.0**-6,
+             "noise_factor": 2.0},
 }
 # Per-layer hidden-state tolerance (max |diff| / max |HF hidden|) used to localise a failure. In fp32 the
 # per-layer noise is ~5e-7 (summation order); a llama3 factor of 8 instead of 16 moves the first attention
@@ -223,8 +229,33 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, mask: torch.Tensor, top
     }
 
 
+def bf16_against_fp32(ref32: torch.Tensor, hf16: torch.Tensor, meg16: torch.Tensor, mask: torch.Tensor,
+                      margin: float) -> dict:
+    """How far each bf16 model is from the fp32 HF model: the noise floor the bf16 check is measured against."""
+    hf = compare_logits(ref32, hf16, mask, margin)
+    meg = compare_logits(ref32, meg16, mask, margin)
+    return {
+        "fp32ref_hf_bf16_kl_mean": hf["kl_mean"], "fp32ref_megatron_bf16_kl_mean": meg["kl_mean"],
+        "fp32ref_hf_bf16_top1_decisive": hf["top1_agreement_decisive"],
+        "fp32ref_megatron_bf16_top1_decisive": meg["top1_agreement_decisive"],
+    }
+
+
 def check_thresholds(metrics: dict, thresholds: dict) -> list[str]:
     out = []
+    if "fp32ref_megatron_bf16_kl_mean" in metrics:  # bf16: judged against the fp32 model, see DEFAULT_THRESHOLDS
+        floor = metrics["fp32ref_hf_bf16_kl_mean"]
+        kl_bound = max(thresholds.get("max_mean_kl") or 0.0, thresholds.get("noise_factor", 2.0) * floor)
+        if not metrics["fp32ref_megatron_bf16_kl_mean"] <= kl_bound:
+            out.append(f"mean KL(HF-fp32 || Megatron-bf16) = {metrics['fp32ref_megatron_bf16_kl_mean']:.3g} > "
+                       f"{kl_bound:.3g} (HF-bf16's own: {floor:.3g})")
+        top1_bound = (thresholds.get("min_top1") or 0.0) * metrics["fp32ref_hf_bf16_top1_decisive"]
+        if not metrics["fp32ref_megatron_bf16_top1_decisive"] >= top1_bound:
+            out.append(f"top-1 agreement with HF-fp32 {metrics['fp32ref_megatron_bf16_top1_decisive']:.4f} < "
+                       f"{top1_bound:.4f} (HF-bf16's own: {metrics['fp32ref_hf_bf16_top1_decisive']:.4f})")
+        if not all(math.isfinite(v) for v in metrics.values()):
+            out.append("non-finite logits")
+        return out
     if thresholds.get("max_rel_diff") is not None and not metrics["max_rel_diff"] <= thresholds["max_rel_diff"]:
         out.append(f"max |diff| / max |logit| = {metrics['max_rel_diff']:.3g} > {thresholds['max_rel_diff']:g}")
     key = "top1_agreement_decisive" if thresholds.get("top1_margin") else "top1_agreement"
@@ -294,14 +325,19 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
     rank0 = int(os.environ.get("RANK", "0")) == 0
     # HF first, then Megatron: on one GPU the two models never need memory at the same time.
     hf_out = [hf_forward(Path(h), ids, mask, dtype, device) for h, _ in pairs] if rank0 else []
+    # bf16 is judged against the fp32 HF model (see DEFAULT_THRESHOLDS): its logits, no hidden states.
+    hf_ref32 = [hf_forward(Path(h), ids, mask, "fp32", device, hidden=False)[0] for h, _ in pairs] \
+        if rank0 and dtype == "bf16" else [None] * len(pairs)
     with tempfile.TemporaryDirectory() as tmp:
         # Under a user's torchrun every rank must use the same folder; the caller passes one (--workdir).
         meg_out = megatron_forward(cases, ids, mask, tp, pp, dtype, device, Path(workdir or tmp))
     if not rank0:
         return []
     reports = []
-    for (hf_dir, meg_dir), plan, (ref_logits, ref_hidden), got in zip(pairs, plans, hf_out, meg_out):
+    for (hf_dir, meg_dir), plan, (ref_logits, ref_hidden), ref32, got in zip(pairs, plans, hf_out, hf_ref32, meg_out):
         metrics = compare_logits(ref_logits, got["logits"], mask, th.get("top1_margin") or 0.0)
+        if ref32 is not None:
+            metrics.update(bf16_against_fp32(ref32, ref_logits, got["logits"], mask, th.get("top1_margin") or 0.0))
         failures = check_thresholds(metrics, th)
         layers, first = localise(plan, ref_hidden, got.get("hidden", {}), mask, LAYER_TOLERANCE[dtype])
         if failures:

@@ -157,3 +157,25 @@ def test_bf16_top1_counts_only_decisive_positions():
 
     assert check_thresholds(m, DEFAULT_THRESHOLDS["bf16"]) == []
     assert check_thresholds(m, DEFAULT_THRESHOLDS["fp32"])  # fp32 counts every position
+
+
+def test_bf16_is_judged_against_the_fp32_noise_floor():
+    from hetero_convert.verify import DEFAULT_THRESHOLDS, bf16_against_fp32, check_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    ref32 = torch.randn(2, 16, 200, generator=g) * 4
+    mask = torch.ones(2, 16, dtype=torch.long)
+    noise = lambda s: torch.randn(ref32.shape, generator=g) * s  # noqa: E731
+    hf16 = ref32 + noise(0.1)
+    th = DEFAULT_THRESHOLDS["bf16"]
+    # Megatron-bf16 as noisy as HF-bf16 (KL above the absolute 1e-3): within the noise floor, passes.
+    meg16 = ref32 + noise(0.1)
+    m = compare_logits(hf16, meg16, mask, th["top1_margin"])
+    m.update(bf16_against_fp32(ref32, hf16, meg16, mask, th["top1_margin"]))
+    assert m["fp32ref_hf_bf16_kl_mean"] > 1e-3 and check_thresholds(m, th) == []
+    # A real error (three times the noise in KL terms and more) fails, and says against what.
+    bad = ref32 + noise(0.4)
+    m = compare_logits(hf16, bad, mask, th["top1_margin"])
+    m.update(bf16_against_fp32(ref32, hf16, bad, mask, th["top1_margin"]))
+    failures = check_thresholds(m, th)
+    assert any("mean KL(HF-fp32 || Megatron-bf16)" in f and "HF-bf16's own" in f for f in failures)
