@@ -425,5 +425,125 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out) or "-"
 
 
+# ---- prune --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def prune(
+    src: Path = typer.Argument(..., help="HF Llama or DeciLM checkpoint to prune"),
+    out: Path = typer.Argument(..., help="Directory for the pruned DeciLM checkpoint (and prune_scores.json)"),
+    calib: Path = typer.Option(..., "--calib", help="Calibration text file (plain text)"),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens the statistics are measured on"),
+    score_tokens: int = typer.Option(4096, "--score-tokens", help="Of those, tokens each variant is scored on"),
+    seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length"),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Fraction of non-embedding params"),
+    target_kv_cache: Optional[float] = typer.Option(None, "--target-kv-cache", help="Fraction of KV-cache bytes/token"),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Fraction of FLOPs/token"),
+    flops_context: int = typer.Option(4096, "--flops-context", help="Sequence length assumed by --target-flops"),
+    ffn_widths: Optional[str] = typer.Option(None, "--ffn-widths", help="Comma-separated FFN widths to try "
+                                             "(multiples of 256; default: the format's widths, at most 8)"),
+    reuse_scores: bool = typer.Option(False, "--reuse-scores", help="Search again with OUT/prune_scores.json"),
+    scores_from: Optional[Path] = typer.Option(None, "--scores-from", help="Reuse scores from this file"),
+    megatron: Optional[Path] = typer.Option(None, "--megatron", help="Also write a Megatron checkpoint here"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Calibration sequences per forward"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+):
+    """Prune into a smaller heterogeneous DeciLM model: per-layer variants scored by KL, exact knapsack search."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from .convert import ConversionError
+    from .layout import LayoutError
+    from .plan import PlanError
+    from .prune import PruneError, PruneOptions
+
+    targets = {k: v for k, v in (("params", target_params), ("kv_cache", target_kv_cache),
+                                 ("flops", target_flops)) if v is not None}
+    if len(targets) != 1:
+        fail("give exactly one of --target-params, --target-kv-cache, --target-flops")
+    (target, fraction), = targets.items()
+    if not 0 < fraction:
+        fail("the target must be a positive fraction")
+    if not calib.is_file():
+        fail(f"--calib {calib}: no such file")
+    try:
+        widths = [int(w) for w in ffn_widths.split(",")] if ffn_widths else None
+    except ValueError:
+        fail(f"--ffn-widths {ffn_widths!r}: expected comma-separated integers")
+    options = PruneOptions(calib_tokens=calib_tokens, score_tokens=score_tokens, seq_len=seq_len,
+                           batch_size=batch_size, device=device, ffn_widths=widths, flops_context=flops_context)
+    try:
+        with StepProgress(not as_json) as progress:
+            from .prune import prune as run_prune
+
+            report = run_prune(src, out, calib.read_text(encoding="utf-8", errors="replace"), target=target,
+                               fraction=fraction, options=options, reuse_scores=reuse_scores,
+                               scores_from=scores_from, megatron=megatron, tp=tp, pp=pp, overwrite=overwrite,
+                               progress=progress)
+    except (PruneError, PlanError, LayoutError, ConversionError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    print_prune_report(report, out)
+
+
+class StepProgress:
+    """A bar per step ("parent pass", "layer 3", "export") on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.tasks: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as P, TimeElapsedColumn
+
+            self.p = P("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=err, transient=True)
+            self.p.start()
+        return self
+
+    def __call__(self, desc: str, done: int, total: int):
+        if not self.enabled:
+            return
+        if desc not in self.tasks:
+            self.tasks[desc] = self.p.add_task(desc, total=total)
+        self.p.update(self.tasks[desc], completed=done)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.stop()
+
+
+def print_prune_report(r: dict, out: Path) -> None:
+    t = Table(title=f"{out}: {r['target']['kind']} <= {r['target']['fraction']:g} of the parent")
+    for col in ("layer", "attention", "FFN", "result", "KL score", "params", "KV B/token"):
+        t.add_column(col, justify="left" if col in ("attention", "FFN", "result") else "right")
+    for l in r["layers"]:
+        changed = l["attention"] != "keep" or l["ffn"] != "keep"
+        style = "bold" if changed else None
+        t.add_row(str(l["index"]), l["attention"], l["ffn"], l["describe"], f"{l['score']:.4f}", human(l["params"]),
+                  str(l["kv_cache_bytes_per_token"]), style=style)
+    console.print(t)
+    p, q = r["parent"], r["pruned"]
+    console.print(
+        f"non-embedding params {human(p['non_embedding_params'])} -> {human(q['non_embedding_params'])} "
+        f"({r['ratios']['non_embedding_params']:.3f}); KV cache {human_bytes(p['kv_cache_bytes_per_token'])} -> "
+        f"{human_bytes(q['kv_cache_bytes_per_token'])}/token ({r['ratios']['kv_cache_bytes_per_token']:.3f}); "
+        f"FLOPs/token {human(p['flops_per_token'])} -> {human(q['flops_per_token'])} "
+        f"({r['ratios']['flops_per_token']:.3f})", highlight=False)
+    s = r["search"]
+    console.print(f"predicted summed {s['score']} {s['predicted_summed_score']:.4f} "
+                  f"({'exact' if s['exact'] else 'costs rounded up to ' + str(s['cost_unit'])}); "
+                  f"scores {'reused' if r['scores_reused'] else 'measured'}; report in {out}/pruning_report.json"
+                  + (f"; Megatron checkpoint in {r['megatron']['path']}" if r.get("megatron") else ""),
+                  highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,279 @@
+"""`prune`: exact initialisations, exact search, and an output that loads everywhere it must."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetero_convert.fixtures import write_random_checkpoint
+from hetero_convert.plan import FFN, GQA, LINEAR, NONE, SWIGLU, Attention, LayerPlan, ffn_mult_to_width, load_plan
+from hetero_convert.prune import PruneOptions, Recipe, calibrate, export_checkpoint, select
+from hetero_convert.prune.candidates import (LeastSquares, collect_stats, default_ffn_widths, layer_tensors,
+                                             merge_kv_heads, narrow_ffn)
+from hetero_convert.prune.parent import ParentModel
+from hetero_convert.prune.search import brute_force, layer_cost, model_cost, solve_mckp
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
+    "intermediate_size": 768, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": 300,
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def calibration_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)[:12])
+
+
+def make_tokenizer(directory: Path, text: str) -> None:
+    """A byte-level BPE with at most TINY's 300 ids, so the model and its tokenizer agree."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A random Llama whose output distribution is far from uniform (so KL scores mean something), with a
+    tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    write_random_checkpoint(TINY, d, dtype=torch.float32)
+    path = d / "model.safetensors"
+    state = load_file(path)
+    for k in state:
+        if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+            state[k] *= 25.0
+        elif k.endswith(("proj.weight",)):
+            state[k] *= 4.0
+    save_file(state, str(path), metadata={"format": "pt"})
+    make_tokenizer(d, calibration_text())
+    return d
+
+
+def calib_ids(n: int = 8, seq: int = 32) -> torch.Tensor:
+    return torch.randint(3, 300, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+# ---- exact where it must be ---------------------------------------------------------------------------------------
+
+
+def test_keeping_everything_is_the_parent_bit_for_bit(tiny, tmp_path):
+    parent = ParentModel(tiny)
+    tensors = parent.layer_tensors(1)
+    kept = narrow_ffn(tensors, 768, None, Recipe())
+    assert all(kept[k] is tensors[k] for k in kept)
+    assert merge_kv_heads(tensors["self_attn.k_proj.weight"], 4, 2, 2) is tensors["self_attn.k_proj.weight"]
+    # A search with the whole parent in budget keeps every layer whole ...
+    calib = calibrate(parent, calib_ids(), 4, 2)
+    from hetero_convert.prune.scoring import score_all
+
+    scores = score_all(parent, calib, Recipe())
+    sel = select(parent.plan, scores, "params", 1.0)
+    assert all(l["attention"] == "keep" and l["ffn"] == "keep" for l in sel["layers"])
+    # ... and exporting it reproduces every tensor and every logit.
+    out = export_checkpoint(parent, calib, sel["plan"], tmp_path / "keep")
+    from safetensors import safe_open
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for key, shard in index.items():
+        with safe_open(str(out / shard), "pt") as f:
+            assert torch.equal(f.get_tensor(key), parent.ckpt.read(key)), key
+    from transformers import AutoModelForCausalLM
+
+    from hetero_convert.hf import DeciLMConfig, DeciLMForCausalLM
+
+    config = DeciLMConfig(**parent.plan.hf_config())
+    ref = DeciLMForCausalLM.from_pretrained(tiny, config=config, dtype=torch.float32).eval()
+    got = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = calib_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
+
+
+def test_least_squares_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 32, generator=g)
+    ls = LeastSquares(32, 24, torch.float64, "cpu")
+    for _ in range(4):
+        x = torch.randn(500, 32, generator=g)
+        ls.add(x, x @ w.T)
+    assert torch.allclose(ls.solve(1e-10).float(), w, atol=1e-5)
+
+
+def test_linear_replacement_fitted_on_a_linear_layer_recovers_it(tiny):
+    """A layer whose attention *is* a linear map (replace_with_linear): the fitted replacement is that map."""
+    parent = ParentModel(tiny)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 64, generator=g) * 0.1
+    layer = LayerPlan(0, Attention(LINEAR), FFN(NONE))
+    norm = 1 + 0.1 * torch.randn(64, generator=g)
+    module = parent.build(layer, {"input_layernorm.weight": norm, "self_attn.linear_attn.weight": w})
+    batches = [torch.randn(2, 32, 64, generator=g) for _ in range(4)]
+    stats = collect_stats(module, batches, *parent.positional(32))
+    fitted = layer_tensors(parent.plan, parent.plan.layers[0], LayerPlan(0, Attention(LINEAR), parent.plan.layers[0].ffn),
+                           {**parent.layer_tensors(0), "input_layernorm.weight": norm}, stats, Recipe(ridge=1e-10))
+    assert torch.allclose(fitted["self_attn.linear_attn.weight"], w, atol=1e-4)
+
+
+def test_kv_merge_of_identical_heads_reproduces_the_outputs(tiny):
+    parent = ParentModel(tiny)
+    tensors = dict(parent.layer_tensors(0))
+    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        w = tensors[name].clone()
+        w[16:32] = w[0:16]  # head_dim 16: KV head 1 := KV head 0
+        tensors[name] = w
+    base = parent.plan.layers[0]
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(3))
+    full = parent.build(base, tensors)
+    stats = collect_stats(full, [x], *parent.positional(32))
+    for recipe in (Recipe(kv_merge="mean"), Recipe(kv_merge="importance")):
+        merged_plan = LayerPlan(0, Attention(GQA, 1), base.ffn)
+        merged = layer_tensors(parent.plan, base, merged_plan, tensors, stats, recipe)
+        assert merged["self_attn.k_proj.weight"].shape == (16, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(parent.run(parent.build(merged_plan, merged), x), parent.run(full, x),
+                                       atol=1e-6, rtol=1e-6)
+    # Equal weights on identical heads: the merged rows are the head itself, exactly.
+    merged = merge_kv_heads(tensors["self_attn.k_proj.weight"], 4, 2, 1)
+    assert torch.equal(merged, tensors["self_attn.k_proj.weight"][:16])
+
+
+# ---- search ------------------------------------------------------------------------------------------------------
+
+
+def test_knapsack_is_the_brute_force_optimum():
+    rnd = random.Random(0)
+    for _ in range(300):
+        groups = rnd.randint(1, 5)
+        costs = [[rnd.randint(0, 12) for _ in range(rnd.randint(1, 4))] for _ in range(groups)]
+        scores = [[round(rnd.uniform(-1, 3), 3) for _ in g] for g in costs]
+        budget = rnd.randint(0, 40)
+        ref = brute_force(costs, scores, budget)
+        if ref is None:
+            with pytest.raises(ValueError):
+                solve_mckp(costs, scores, budget)
+            continue
+        sol = solve_mckp(costs, scores, budget)
+        assert sol.exact and sol.cost <= budget
+        assert sol.score == pytest.approx(ref[0], abs=1e-9)
+        assert sum(scores[g][j] for g, j in enumerate(sol.choice)) == pytest.approx(ref[0], abs=1e-9)
+
+
+def test_knapsack_with_a_common_divisor_is_exact_and_coarse_costs_stay_feasible():
+    rnd = random.Random(1)
+    for _ in range(50):
+        costs = [[rnd.randint(1, 30) * 576 for _ in range(4)] for _ in range(4)]
+        scores = [[rnd.random() for _ in g] for g in costs]
+        budget = rnd.randint(40, 100) * 576 + rnd.randint(0, 575)
+        ref = brute_force(costs, scores, budget)
+        if ref is None:
+            continue
+        sol = solve_mckp(costs, scores, budget)
+        assert sol.exact and sol.unit % 576 == 0 and sol.score == pytest.approx(ref[0])
+        try:  # forced rounding of costs (up): never over budget, at worst nothing fits any more
+            coarse = solve_mckp(costs, scores, budget, max_bins=20)
+        except ValueError:
+            continue
+        assert not coarse.exact and coarse.cost <= budget and coarse.score >= ref[0] - 1e-12
+
+
+def test_ffn_widths_are_expressible():
+    assert default_ffn_widths(1536, 576) == [256, 512, 768, 1024, 1280]
+    wide = default_ffn_widths(28672, 8192)
+    assert 1 < len(wide) <= 8
+    from hetero_convert.plan import width_to_ffn_mult
+
+    for w in wide:
+        mult = width_to_ffn_mult(w, 8192)
+        assert w % 256 == 0 and w < 28672 and ffn_mult_to_width(mult, 8192) == w
+
+
+def test_costs():
+    plan = load_plan(TINY)
+    layer = plan.layers[0]
+    assert layer_cost(plan, layer, "params") == plan.layer_parameters(layer)["total"]
+    assert model_cost(plan, "kv_cache") == plan.kv_cache_bytes_per_token(2)
+    removed = LayerPlan(0, Attention(NONE), FFN(NONE))
+    assert [layer_cost(plan, removed, t) for t in ("params", "kv_cache", "flops")] == [0, 0, 0]
+    flops = layer_cost(plan, layer, "flops", flops_context=100)
+    assert flops == 2 * (64 * 64 * 2 + 2 * 64 * 32) + 2 * 64 * 100 + 2 * 3 * 64 * 768
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from hetero_convert.cli import app
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text())
+    out, meg = tmp_path / "pruned", tmp_path / "pruned-megatron"
+    common = ["--calib", str(calib), "--calib-tokens", "1024", "--score-tokens", "256", "--seq-len", "64",
+              "--batch-size", "2"]
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), *common, "--target-params", "0.6",
+                                 "--megatron", str(meg), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "pruning_report.json").read_text())
+    parent, pruned = load_plan(tiny), load_plan(out)  # the foundation's config validation
+    assert report["pruned"]["non_embedding_params"] <= 0.6 * parent.num_parameters(include_embeddings=False)
+    assert pruned.num_parameters(include_embeddings=False) == report["pruned"]["non_embedding_params"]
+    assert report["search"]["exact"] and not report["scores_reused"]
+    assert [l["describe"] for l in report["layers"]] == [l.describe() for l in pruned.layers]
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] and config["intermediate_size"] is None and config["num_key_value_heads"] is None
+    for block in config["block_configs"]:
+        a, f = block["attention"], block["ffn"]
+        if not a["no_op"] and not a["replace_with_linear"]:
+            assert 4 % a["n_heads_in_group"] == 0
+        if not f["no_op"] and not f["replace_with_linear"]:
+            assert "intermediate_size" not in f and ffn_mult_to_width(f["ffn_mult"], 64) % 256 == 0
+    assert (out / "tokenizer.json").is_file() and (out / "prune_scores.json").is_file()
+    assert (meg / "latest_checkpointed_iteration.txt").is_file()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(out)("def f(x): return x", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 300) and torch.isfinite(logits).all()
+
+    # Same scores, another budget: no scoring, the KV cache halved.
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), *common, "--target-kv-cache", "0.5",
+                                 "--reuse-scores"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["scores_reused"] and report["seconds"]["scoring"] == 0.0
+    assert load_plan(out).kv_cache_bytes_per_token(2) <= 0.5 * parent.kv_cache_bytes_per_token(2)
+
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), *common, "--target-flops", "0.01", "--reuse-scores"])
+    assert r.exit_code != 0 and "smallest model" in r.output
+
+
+def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
+    from hetero_convert.prune import PruneError, prune
+
+    (tmp_path / "important.txt").write_text("keep me")
+    with pytest.raises(PruneError, match="--overwrite"):
+        prune(tiny, tmp_path, calib_ids=calib_ids(), target="params", fraction=0.5)
