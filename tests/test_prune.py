@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from pathlib import Path
@@ -11,8 +10,8 @@ import pytest
 import torch
 
 from hetero_convert.fixtures import write_random_checkpoint
-from hetero_convert.plan import FFN, GQA, LINEAR, NONE, SWIGLU, Attention, LayerPlan, ffn_mult_to_width, load_plan
-from hetero_convert.prune import PruneOptions, Recipe, calibrate, export_checkpoint, select
+from hetero_convert.plan import FFN, GQA, LINEAR, NONE, Attention, LayerPlan, ffn_mult_to_width, load_plan
+from hetero_convert.prune import Recipe, calibrate, export_checkpoint, select
 from hetero_convert.prune.candidates import (LeastSquares, collect_stats, default_ffn_widths, layer_tensors,
                                              merge_kv_heads, narrow_ffn)
 from hetero_convert.prune.parent import ParentModel

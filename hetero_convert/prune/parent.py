@@ -14,7 +14,6 @@ scoring a variant at layer i) starts from the cached input of layer i instead of
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path

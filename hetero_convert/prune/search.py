@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..plan import GQA, LINEAR, NONE, SWIGLU, LayerPlan, ModelPlan
+from ..plan import GQA, LINEAR, SWIGLU, LayerPlan, ModelPlan
 
 TARGETS = ("params", "kv_cache", "flops")
 KV_BYTES_PER_VALUE = 2  # the KV cache is counted in bf16, as `inspect` does
