@@ -49,7 +49,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
             # hidden 2048 gives std ~13: softmax turns into an argmax and every layer amplifies rounding
             # ~100x (measured: fp32 differences growing 1.7e-6 -> 2.6e-5 over 8 layers on CPU), which is a
             # property of the random model, not of a conversion. So the std shrinks with sqrt(hidden).
-            std = 0.08 * (128 / shape[1]) ** 0.5
+            std = 0.08 * (128 / shape[-1]) ** 0.5  # shape[-1]: the input width, the hidden size
         t = torch.randn(shape, generator=g) * std
     return t.to(dtype)
 
