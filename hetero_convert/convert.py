@@ -200,17 +200,26 @@ def megatron_write_items(maps: list[TensorMapping], tp: int, pp: int, dtype_of: 
 
 
 def read_chunk(ckpt: HFCheckpoint, m: TensorMapping, offsets, sizes, dtype) -> torch.Tensor:
-    """The Megatron chunk at offsets/sizes, assembled from exactly the HF rows (and columns) it needs."""
+    """The Megatron chunk at offsets/sizes, assembled from exactly the HF rows (and columns) it needs.
+
+    Each piece is read straight into its rows of one preallocated chunk (no per-piece tensors to concatenate),
+    so a chunk costs its own size, plus one piece when the dtype changes."""
     r0, nrows = offsets[0], sizes[0]
     cols = slice(offsets[1], offsets[1] + sizes[1]) if m.tp_rule == "cols" else None
-    parts = []
+    out = torch.empty(tuple(sizes), dtype=dtype)
+    pos = 0
     for seg, a, b in m.pieces(r0, r0 + nrows):
+        target = out[pos:pos + b - a]
         if seg.source is None:
-            parts.append(torch.zeros((b - a,) + tuple(sizes[1:]), dtype=dtype))
+            target.zero_()
         else:
-            parts.append(ckpt.read(m.hf[seg.source], slice(a, b), cols).to(dtype))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-    return out.contiguous()
+            name = m.hf[seg.source]
+            if ckpt.tensors[name].dtype == dtype:
+                ckpt.read_into(target, name, a, cols)
+            else:
+                target.copy_(ckpt.read(name, slice(a, b), cols))
+        pos += b - a
+    return out
 
 
 def describe_source(hf_dir: Path, plan: ModelPlan, config: dict, checksums: dict) -> dict:

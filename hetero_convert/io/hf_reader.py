@@ -138,24 +138,40 @@ class HFCheckpoint:
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""
         info = self.tensors[name]
-        shape = info.shape
-        r0, r1, _ = (rows or slice(None)).indices(shape[0]) if shape else (0, 1, 1)
-        row_numel = _prod(shape[1:])
-        itemsize = info.dtype.itemsize
-        out = torch.empty((r1 - r0,) + tuple(shape[1:]), dtype=info.dtype)
-        nbytes = (r1 - r0) * row_numel * itemsize
-        if nbytes:
-            buf = out.view(-1).view(torch.uint8).numpy()
-            offset = info.offset + r0 * row_numel * itemsize
-            fd, done = self._fd(info.file), 0
-            while done < nbytes:
-                n = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
-                if n <= 0:
-                    raise CheckpointError(f"{info.file.name}: unexpected end of file reading tensor '{name}'")
-                done += n
-        if cols is not None:
-            out = out[:, cols].contiguous()
+        r0, r1, _ = (rows or slice(None)).indices(info.shape[0]) if info.shape else (0, 1, 1)
+        width = (cols.indices(info.shape[1])[1] - cols.indices(info.shape[1])[0]) if cols is not None else None
+        out = torch.empty((r1 - r0,) + ((width,) if width is not None else tuple(info.shape[1:])), dtype=info.dtype)
+        self.read_into(out, name, r0, cols)
         return out
+
+    # A column slice is read one block of rows at a time (whole rows are contiguous on disk, columns are not),
+    # so the extra memory stays at one block whatever the tensor's size.
+    ROW_BLOCK_BYTES = 32 << 20
+
+    def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None:
+        """Fill `out` (rows row_start.. of tensor `name`, [:, cols] if given) straight from the file."""
+        info = self.tensors[name]
+        row_bytes = _prod(info.shape[1:]) * info.dtype.itemsize
+        if out.dtype != info.dtype:
+            raise ValueError(f"read_into: {name} is {info.dtype}, buffer is {out.dtype}")
+        if cols is None:
+            self._pread(info, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset + row_start * row_bytes)
+            return
+        block = max(1, self.ROW_BLOCK_BYTES // max(row_bytes, 1))
+        for a in range(0, out.shape[0], block):
+            b = min(out.shape[0], a + block)
+            rows = torch.empty((b - a,) + tuple(info.shape[1:]), dtype=info.dtype)
+            self._pread(info, memoryview(rows.view(-1).view(torch.uint8).numpy()),
+                        info.offset + (row_start + a) * row_bytes)
+            out[a:b].copy_(rows[:, cols])
+
+    def _pread(self, info: "TensorInfo", buf: memoryview, offset: int) -> None:
+        fd, done, n = self._fd(info.file), 0, len(buf)
+        while done < n:
+            got = os.preadv(fd, [buf[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{info.file.name}: unexpected end of file reading tensor '{info.name}'")
+            done += got
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
