@@ -7,6 +7,7 @@ Heavy imports (torch, megatron-core, transformers) happen inside the commands th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -229,8 +230,6 @@ DISTRIBUTED_HELP = ("Split the work over the processes of a torchrun job (defaul
 
 def coordinator() -> bool:
     """Under torchrun only rank 0 prints the summary (every process returns the same one)."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -262,7 +261,8 @@ def hf_to_megatron_cmd(
 
     try:
         total = HFCheckpoint(hf_dir).total_bytes()
-        with Progress(total, "hf-to-megatron", not as_json and coordinator()) as prog:
+        # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
+        with Progress(total, "hf-to-megatron", not as_json and os.environ.get("WORLD_SIZE", "1") == "1") as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
                                strict=strict, progress=prog, distributed=distributed)
     except (ConversionError, CheckpointError, PlanError, LayoutError) as e:

@@ -9,10 +9,11 @@ the metadata and renames the directory into place.
 Assignment balances bytes, not counts (Ultra-253B puts FFN layers of 425,984 channels next to dummy layers
 with no tensors), largest first into the lightest process:
   - hf-to-megatron: the simulated Megatron ranks' plans go whole to processes, so the files are named as a
-    Megatron run would name them (`__{rank}_{k}.distcp`). With fewer Megatron ranks than processes the single
-    chunks are spread instead, and process p writes its part of rank r into `__{r}_p{p}_{k}.distcp`: one file
-    per Megatron rank is then impossible, and DCP finds data through `.metadata`, never by file name, so the
-    checkpoint loads the same. The source checksums (recorded in the description) are split by file size.
+    Megatron run would name them (`__{rank}_{k}.distcp`). With fewer Megatron ranks than processes, or when
+    whole ranks would leave one process more than 5% above the mean, the single chunks are spread instead,
+    and process p writes its part of rank r into `__{r}_p{p}_{k}.distcp`: one file per Megatron rank is then
+    impossible, and DCP finds data through `.metadata`, never by file name, so the checkpoint loads the same.
+    The source checksums (recorded in the description) are split by file size.
   - megatron-to-hf: whole safetensors shards go to processes; the coordinator writes the index, config.json
     and remote code.
 
@@ -51,6 +52,9 @@ from .io.dcp import extra_state_payload, finish_metadata, write_checkpoint
 FAIL_RANK_ENV = "HETERO_CONVERT_FAIL_RANK"
 TIMEOUT_ENV = "HETERO_CONVERT_TIMEOUT_S"
 EXTRA_STATE_BYTES = len(extra_state_payload().getbuffer())
+# Whole Megatron ranks per process (Megatron's own file names) while the busiest process stays within 5% of
+# the mean; beyond that, chunk by chunk.
+WHOLE_RANK_SLACK = 1.05
 
 
 class JobFailed(ConversionError):
@@ -117,15 +121,16 @@ def item_costs(items_per_rank, lookup, src_itemsize) -> tuple[list[list[int]], l
 
 
 def assign_megatron(read: list[list[int]], write: list[list[int]], processes: int) -> list[MegatronShare]:
-    """Megatron ranks to processes by bytes read + written; chunk by chunk when ranks are fewer."""
-    shares = [MegatronShare() for _ in range(processes)]
+    """Megatron ranks to processes by bytes read + written; chunk by chunk when ranks are fewer, or when whole
+    ranks cannot be spread evenly (8 equal ranks over 3 processes: 3/3/2, the busiest 12% above the mean)."""
     if len(read) >= processes:
         costs = [sum(r) + sum(w) for r, w in zip(read, write)]
-        for p, ranks in enumerate(balance(costs, processes)):
-            shares[p].ranks = ranks
-            shares[p].read_bytes = sum(sum(read[r]) for r in ranks)
-            shares[p].write_bytes = sum(sum(write[r]) for r in ranks)
-        return shares
+        bins = balance(costs, processes)
+        loads = [sum(costs[r] for r in b) for b in bins]
+        if max(loads) <= WHOLE_RANK_SLACK * sum(loads) / processes:
+            return [MegatronShare(ranks=b, read_bytes=sum(sum(read[r]) for r in b),
+                                  write_bytes=sum(sum(write[r]) for r in b)) for b in bins]
+    shares = [MegatronShare() for _ in range(processes)]
     flat = [(r, i) for r in range(len(read)) for i in range(len(read[r]))]
     for p, picked in enumerate(balance([read[r][i] + write[r][i] for r, i in flat], processes)):
         for k in picked:
@@ -389,7 +394,7 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
         items, lookup = megatron_write_items(maps, tp, pp, lambda m: out)
         read, write = item_costs(items, lookup, lambda m: src.itemsize)
         shares = assign_megatron(read, write, processes)
-        report["granularity"] = "megatron-rank" if len(items) >= processes else "chunk"
+        report["granularity"] = "chunk" if any(s.subset for s in shares) else "megatron-rank"
         report["megatron_ranks"] = len(items)
         for p, s in enumerate(shares):
             row = {"rank": p, "read_bytes": s.read_bytes, "write_bytes": s.write_bytes}

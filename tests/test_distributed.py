@@ -89,9 +89,9 @@ def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, 
     assert summary["layout"]["processes"] == nproc
     assert_same_megatron(tmp_path / "meg1", tmp_path / "megN")
     files = sorted(p.name for p in (tmp_path / "megN" / "release").glob("*.distcp"))
-    if tp * pp >= nproc:
+    if plan_conversion(src, nproc, tp=tp, pp=pp)["granularity"] == "megatron-rank":
         assert files == sorted(p.name for p in (tmp_path / "meg1" / "release").glob("*.distcp"))
-    else:
+    else:  # chunk by chunk: every process wrote its own tagged files
         assert all("_p" in f for f in files) and len({f.split("_p")[1][0] for f in files}) == nproc
 
     r = torchrun(nproc, "megatron-to-hf", tmp_path / "megN", tmp_path / "hfN", "--max-shard-size", "300KB")
@@ -131,10 +131,14 @@ def test_balance_is_largest_first_and_deterministic():
 
 
 def test_megatron_ranks_balanced_by_bytes_not_count():
-    # One huge rank (an FFN-heavy stage) and six tiny ones (dummy layers): counts would pair it with three.
-    read = [[100]] + [[1]] * 6
+    # One heavy rank (an FFN-heavy stage) and six light ones: counts would pair it with three of them.
+    read = [[60]] + [[10]] * 6
     shares = assign_megatron(read, read, 2)
-    assert [s.ranks for s in shares] == [[0], [1, 2, 3, 4, 5, 6]]
+    assert [s.ranks for s in shares] == [[0], [1, 2, 3, 4, 5, 6]] and not any(s.subset for s in shares)
+    # Whole ranks that cannot be spread evenly (3 equal ranks over 2 processes) are split chunk by chunk.
+    read = [[5, 5]] * 3
+    shares = assign_megatron(read, read, 2)
+    assert not any(s.ranks for s in shares) and [s.read_bytes for s in shares] == [15, 15]
     # Fewer ranks than processes: chunks are spread, each exactly once.
     read = [[50, 30, 20, 0], [40]]
     shares = assign_megatron(read, read, 3)
