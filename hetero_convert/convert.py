@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import threading
@@ -132,7 +133,13 @@ class ErrorSink:
 def check_finite(t: torch.Tensor, what: str, sink: ErrorSink, strict: bool) -> None:
     # A NaN or Inf anywhere makes the fp32 sum non-finite, and the sum is several times faster than an
     # elementwise isfinite on bf16; only a non-finite sum (or a finite overflow) pays for the exact count.
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    # Summed in blocks: sum(dtype=float32) first converts its input, and a whole 2 GB embedding converted at
+    # once would double the memory this conversion needs.
+    if not t.is_floating_point():
+        return
+    flat = t.reshape(-1)
+    total = sum(float(block.sum(dtype=torch.float32)) for block in flat.split(1 << 24)) if flat.numel() else 0.0
+    if math.isfinite(total):
         return
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
