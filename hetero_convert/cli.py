@@ -355,6 +355,7 @@ def demo(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write (default: a temporary folder)"),
     tp: int = typer.Option(2, "--tp"),
     pp: int = typer.Option(2, "--pp"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Also compare HF and Megatron logits on CPU"),
 ):
     """Build the bundled tiny heterogeneous checkpoint, convert it to Megatron and back, check it is exact."""
     import tempfile
@@ -362,7 +363,7 @@ def demo(
     from .demo import run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
-        ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console)
+        ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console, verify)
     raise typer.Exit(0 if ok else 1)
 
 

@@ -14,7 +14,6 @@ only when everything succeeded, and is deleted on any failure.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .io.dcp import DCPReader, bytes_item, extra_state_payload, tensor_item, write_checkpoint
+from .io.dcp import ByteBudget, DCPReader, bytes_item, extra_state_payload, tensor_item, write_checkpoint
 from .io.hf_reader import CheckpointError, HFCheckpoint
-from .io.safetensors_writer import StreamingSafetensorsWriter
+from .io.safetensors_writer import StreamingSafetensorsWriter, pack_in_order
 from .layout import require_layout
 from .mappings import TensorMapping, bind, ignored_hf_key
 from .plan import ModelPlan, load_config, load_plan
@@ -442,24 +441,7 @@ def parse_size(s: str | int) -> int:
 
 def shard_groups(maps: list[TensorMapping], max_bytes: int, itemsize_of) -> list[list[TensorMapping]]:
     """Consecutive mappings packed into shards of at most max_bytes (a bigger single mapping gets its own)."""
-    shards, cur, size = [], [], 0
-    for m in maps:
-        n = sum(_numel(s) for s in m.hf_shapes) * itemsize_of(m)
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(m)
-        size += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return pack_in_order(maps, lambda m: sum(math.prod(s) for s in m.hf_shapes) * itemsize_of(m), max_bytes)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -514,30 +496,46 @@ class ToHFJob:
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.stored[m.megatron].properties.dtype
 
+    budget: ByteBudget | None = None
+
     def write_shard(self, k: int, path: Path):
         layout = [(key, self.dtype_of(m), shape) for m in self.shards[k] for key, shape in zip(m.hf, m.hf_shapes)]
         w = StreamingSafetensorsWriter(path, layout)
         try:
             for m in self.shards[k]:
-                full = self.reader.load(m.megatron)
-                for key, t in zip(m.hf, split_to_hf(m, full)):
-                    t = t.to(self.dtype_of(m))
-                    check_finite(t, f"{layer_name(m)}: {key}", self.sink, self.strict)
-                    w.write(key, t)
-                    with self.lock:
-                        self.summary.tensors += 1
-                        self.summary.bytes_written += t.numel() * t.element_size()
-                    if self.progress:
-                        self.progress(t.numel() * t.element_size())
-                with self.lock:
-                    self.summary.bytes_read += full.numel() * full.element_size()
-                del full
+                held = self.budget.acquire(self.stored_bytes(m)) if self.budget else 0
+                try:
+                    self.write_tensor(m, w)
+                finally:
+                    if self.budget:
+                        self.budget.release(held)
             w.close()
         except BaseException:
             w.abort()
             raise
 
+    def stored_bytes(self, m: TensorMapping) -> int:
+        md = self.stored[m.megatron]
+        return math.prod(md.size) * md.properties.dtype.itemsize
+
+    def write_tensor(self, m: TensorMapping, w: StreamingSafetensorsWriter) -> None:
+        """One Megatron tensor, loaded whole (any TP it was saved at), written as its HF tensors."""
+        full = self.reader.load(m.megatron)
+        for key, t in zip(m.hf, split_to_hf(m, full)):
+            t = t.to(self.dtype_of(m))
+            check_finite(t, f"{layer_name(m)}: {key}", self.sink, self.strict)
+            w.write(key, t)
+            with self.lock:
+                self.summary.tensors += 1
+                self.summary.bytes_written += t.numel() * t.element_size()
+            if self.progress:
+                self.progress(t.numel() * t.element_size())
+        with self.lock:
+            self.summary.bytes_read += full.numel() * full.element_size()
+
     def write_shards(self, tmp: Path, shards: list[int], workers: int) -> None:
+        if workers > 1:  # K shards at once must not mean K whole embeddings in memory at once
+            self.budget = ByteBudget(2 * max(self.stored_bytes(m) for m in self.maps))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = [pool.submit(self.write_shard, k, tmp / self.names[k]) for k in shards]
             for f in futures:
@@ -548,7 +546,7 @@ class ToHFJob:
         n = len(self.shards)
         if n > 1:
             weight_map = {key: self.names[k] for k in range(n) for m in self.shards[k] for key in m.hf}
-            total = sum(_numel(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
+            total = sum(math.prod(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype

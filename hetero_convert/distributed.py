@@ -30,6 +30,7 @@ HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import shutil
 import signal
@@ -45,7 +46,7 @@ import torch.distributed as dist
 
 from .convert import (
     ITERATION_DIR, ConversionError, Summary, ToHFJob, ToMegatronJob, begin_staging, commit_staging,
-    megatron_write_items, sha256_file, shard_groups, parse_size, _numel,
+    megatron_write_items, sha256_file, shard_groups, parse_size,
 )
 from .io.dcp import extra_state_payload, finish_metadata, write_checkpoint
 
@@ -97,7 +98,7 @@ class MegatronShare:
 
 def chunk_read_bytes(m, c, itemsize: int) -> int:
     """Source bytes a Megatron chunk needs: its real HF rows (padding reads nothing) times its columns."""
-    row_bytes = _numel(c.sizes[1:]) * itemsize
+    row_bytes = math.prod(c.sizes[1:]) * itemsize
     return sum((b - a) * row_bytes for seg, a, b in m.pieces(c.offsets[0], c.offsets[0] + c.sizes[0])
                if seg.source is not None)
 
@@ -114,7 +115,7 @@ def item_costs(items_per_rank, lookup, src_itemsize) -> tuple[list[list[int]], l
                 continue
             m, c = lookup[(it.index.fqn, tuple(it.index.offset))]
             r.append(chunk_read_bytes(m, c, src_itemsize(m)))
-            w.append(_numel(c.sizes) * it.tensor_data.properties.dtype.itemsize)
+            w.append(math.prod(c.sizes) * it.tensor_data.properties.dtype.itemsize)
         read.append(r)
         write.append(w)
     return read, write
@@ -144,7 +145,7 @@ def assign_megatron(read: list[list[int]], write: list[list[int]], processes: in
 def hf_shard_costs(shards, megatron_bytes, out_itemsize) -> tuple[list[int], list[int]]:
     """Bytes read (the stored Megatron tensors) and written (the HF tensors) per safetensors shard."""
     read = [sum(megatron_bytes(m) for m in shard) for shard in shards]
-    write = [sum(_numel(s) * out_itemsize(m) for m in shard for s in m.hf_shapes) for shard in shards]
+    write = [sum(math.prod(s) * out_itemsize(m) for m in shard for s in m.hf_shapes) for shard in shards]
     return read, write
 
 
@@ -327,7 +328,7 @@ def megatron_to_hf_distributed(megatron_dir, out_dir, max_shard_size="5GB", dtyp
             nonlocal job, mine
             job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress)
             stored = job.stored
-            read, write = hf_shard_costs(job.shards, lambda m: _numel(stored[m.megatron].size) *
+            read, write = hf_shard_costs(job.shards, lambda m: math.prod(stored[m.megatron].size) *
                                          stored[m.megatron].properties.dtype.itemsize,
                                          lambda m: job.dtype_of(m).itemsize)
             mine = balance([r + w for r, w in zip(read, write)], comm.world)[comm.rank]
@@ -407,7 +408,7 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
         stored = {m.megatron: m for m in bind(plan, tp, 1)}  # stored shapes: vocab padded for this TP
         maps = bind(plan)
         shards = shard_groups(maps, parse_size(max_shard_size), lambda m: out.itemsize)
-        read, write = hf_shard_costs(shards, lambda m: _numel(stored[m.megatron].shape) * src.itemsize,
+        read, write = hf_shard_costs(shards, lambda m: math.prod(stored[m.megatron].shape) * src.itemsize,
                                      lambda m: out.itemsize)
         report["granularity"] = "safetensors-shard"
         report["shards"] = len(shards)

@@ -14,13 +14,14 @@ scaled by sqrt(128/hidden)) so attention is far from uniform and a wrong RoPE fa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from pathlib import Path
 
 import torch
 
-from .io.safetensors_writer import StreamingSafetensorsWriter
+from .io.safetensors_writer import StreamingSafetensorsWriter, pack_in_order
 from .mappings import bind
 from .plan import load_config, load_plan
 
@@ -83,18 +84,7 @@ def write_random_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = [(k, s) for m in bind(plan) for k, s in zip(m.hf, m.hf_shapes)]
-    # Shards in model order, as HF's save_pretrained does.
-    shards, cur, size = [], [], 0
-    for key, shape in tensors:
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((key, shape))
-        size += n
-    shards.append(cur)
+    shards = pack_in_order(tensors, lambda ks: dtype.itemsize * math.prod(ks[1]), max_shard_bytes)
     names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
              if len(shards) > 1 else ["model.safetensors"])
     for name, shard in zip(names, shards):
@@ -103,7 +93,7 @@ def write_random_checkpoint(
             w.write(key, _filler(key, shape, seed, dtype, fast))
         w.close()
     if len(shards) > 1:
-        total = sum(dtype.itemsize * _numel(s) for _, s in tensors)
+        total = sum(dtype.itemsize * math.prod(s) for _, s in tensors)
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: names[i] for i, shard in enumerate(shards) for k, _ in shard}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -113,13 +103,6 @@ def write_random_checkpoint(
         cfg["auto_map"] = write_remote_code(out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

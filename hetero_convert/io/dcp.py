@@ -17,6 +17,7 @@ saved in), caching the metadata so a thousand keys do not re-read it a thousand 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,24 +107,57 @@ def split_by_bytes(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
     return [sorted(b, key=lambda it: order[id(it)]) for b in buckets if b]
 
 
+class ByteBudget:
+    """At most `limit` bytes of chunks in flight across writer threads (a larger chunk waits to be alone).
+
+    With K threads, K large chunks (an embedding and an output layer) could otherwise be in memory at once;
+    the budget keeps the peak near 2 x the largest chunk whatever --workers is, while small chunks still
+    overlap."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = max(1, limit), 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
 class StreamingWriter(FileSystemWriter):
     """FileSystemWriter whose data files are written one item at a time, each released once written."""
+
+    budget: ByteBudget | None = None
 
     def write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         results = []
         with open(Path(self.path) / name, "wb") as f:
             for item in items:
-                data = planner.resolve_data(item)
-                offset = f.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    f.write(data.getbuffer())
-                else:
-                    torch.save(data, f)  # DCP's torch_save serialisation of one chunk
-                length = f.tell() - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, offset, length)))
-                del data
+                held = self.budget.acquire(_item_bytes(item)) if self.budget else 0
+                try:
+                    results.append(self._write_one(f, name, item, planner))
+                finally:
+                    if self.budget:
+                        self.budget.release(held)
         return results
+
+    @staticmethod
+    def _write_one(f, name: str, item: WriteItem, planner: SavePlanner) -> WriteResult:
+        data = planner.resolve_data(item)
+        offset = f.tell()
+        if item.type == WriteItemType.BYTE_IO:
+            f.write(data.getbuffer())
+        else:
+            torch.save(data, f)  # DCP's torch_save serialisation of one chunk
+        length = f.tell() - offset
+        return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
 
 
 def write_checkpoint(
@@ -150,6 +184,9 @@ def write_checkpoint(
     threads = max(1, threads)
     writer = StreamingWriter(str(path), sync_files=False, overwrite=True)
     writer.set_up_storage_writer(True)
+    if threads > 1:
+        largest = max((_item_bytes(it) for items in items_per_rank for it in items), default=0)
+        writer.budget = ByteBudget(2 * largest)
     plans = [writer.prepare_local_plan(SavePlan(items)) for items in items_per_rank]
     plans, metadata = create_default_global_save_plan(plans)
     plans = writer.prepare_global_plan(plans)

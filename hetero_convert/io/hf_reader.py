@@ -10,6 +10,7 @@ row-major bytes at its data_offsets.)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -103,7 +104,7 @@ class HFCheckpoint:
                 if dtype is None:
                     raise CheckpointError(f"{fname}: tensor '{name}' has unsupported dtype {entry['dtype']}")
                 shape = tuple(entry["shape"])
-                expect = dtype.itemsize * _prod(shape)
+                expect = dtype.itemsize * math.prod(shape)
                 if end - begin != expect:
                     raise CheckpointError(
                         f"{fname}: tensor '{name}' claims {end - begin} bytes for shape {shape} {entry['dtype']} "
@@ -151,7 +152,7 @@ class HFCheckpoint:
     def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None:
         """Fill `out` (rows row_start.. of tensor `name`, [:, cols] if given) straight from the file."""
         info = self.tensors[name]
-        row_bytes = _prod(info.shape[1:]) * info.dtype.itemsize
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
         if out.dtype != info.dtype:
             raise ValueError(f"read_into: {name} is {info.dtype}, buffer is {out.dtype}")
         if cols is None:
@@ -178,10 +179,3 @@ class HFCheckpoint:
 
     def files(self) -> list[Path]:
         return sorted({t.file for t in self.tensors.values()})
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -61,3 +61,19 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         self.f.close()
+
+
+def pack_in_order(items: list, size_of, max_bytes: int) -> list[list]:
+    """Consecutive items into groups of at most max_bytes (an item bigger than that gets a group of its own),
+    in order, as save_pretrained fills shards."""
+    groups, cur, size = [], [], 0
+    for item in items:
+        n = size_of(item)
+        if cur and size + n > max_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
