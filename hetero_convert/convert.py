@@ -535,7 +535,9 @@ class ToHFJob:
 
     def write_shards(self, tmp: Path, shards: list[int], workers: int) -> None:
         if workers > 1:  # K shards at once must not mean K whole embeddings in memory at once
-            self.budget = ByteBudget(2 * max(self.stored_bytes(m) for m in self.maps))
+            # A tensor being loaded costs twice its size (DCP's loaded chunk + the assembled tensor), so the
+            # tensors in flight are capped at the largest one's size: peak ~ 2 x largest whatever --workers is.
+            self.budget = ByteBudget(max(self.stored_bytes(m) for m in self.maps))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = [pool.submit(self.write_shard, k, tmp / self.names[k]) for k in shards]
             for f in futures:

@@ -111,8 +111,8 @@ class ByteBudget:
     """At most `limit` bytes of chunks in flight across writer threads (a larger chunk waits to be alone).
 
     With K threads, K large chunks (an embedding and an output layer) could otherwise be in memory at once;
-    the budget keeps the peak near 2 x the largest chunk whatever --workers is, while small chunks still
-    overlap."""
+    the budget keeps the peak near 1.5 x the largest chunk whatever --workers is, while small chunks
+    still overlap."""
 
     def __init__(self, limit: int):
         self.limit, self.used = max(1, limit), 0
@@ -186,7 +186,9 @@ def write_checkpoint(
     writer.set_up_storage_writer(True)
     if threads > 1:
         largest = max((_item_bytes(it) for items in items_per_rank for it in items), default=0)
-        writer.budget = ByteBudget(2 * largest)
+        # 1.5x: the largest chunk may overlap with smaller ones but never with a second largest one; the
+        # process's own ~270 MB (torch, megatron imports) must also fit in the 512 MB + 2x largest bound.
+        writer.budget = ByteBudget(largest + largest // 2)
     plans = [writer.prepare_local_plan(SavePlan(items)) for items in items_per_rank]
     plans, metadata = create_default_global_save_plan(plans)
     plans = writer.prepare_global_plan(plans)
