@@ -1,15 +1,17 @@
 """Wall time and peak RSS per rank of hf-to-megatron / megatron-to-hf under torchrun, next to `cp -r`.
 
-    python benchmarks/convert_distributed.py [--workdir /tmp/hc_bench] [--ranks 1 2 4] [--tp 2 --pp 2]
+    python benchmarks/convert_distributed.py [--workdir /tmp/hc_bench/distributed] [--ranks 1 2 4] [--tp 2 --pp 2]
 
 Writes a ~8.8 GB bf16 checkpoint with Super-49B's layer layout (its 80 block_configs: 31 attention-free
 layers, FFN widths from 0.5x to 5.25x) scaled down to hidden 2304 / 48 heads, into WORKDIR/src. Each
 measurement drops the page cache first where the kernel lets us (`sync; echo 3 > /proc/sys/vm/drop_caches`,
-reported per row), so the source is read from disk. "wall" is the launcher's wall time including torchrun
-start-up; "+sync" adds flushing the written data to disk, which the converter leaves to the kernel.
+reported per row; it is machine-wide, so it also cools the cache of anything else running), so the source is
+read from disk. "wall" is the launcher's wall time including torchrun start-up; "+sync" adds flushing the
+written data to disk, which the converter leaves to the kernel.
 Every rank is this very file run with --worker under torchrun: it converts through the library (distributed
 when WORLD_SIZE > 1, the unchanged single-process path otherwise) and reports its ru_maxrss to a JSON file
-the launcher collects. Everything under WORKDIR is deleted at the end unless --keep.
+the launcher collects. What this script writes under WORKDIR (src, copy, meg-*, hf-*, reports) is deleted at
+the end unless --keep; nothing else there is touched (other benchmarks share /tmp/hc_bench).
 """
 
 from __future__ import annotations
@@ -32,22 +34,6 @@ def bench_config(hidden: int, heads: int) -> dict:
     cfg = copy.deepcopy(json.loads(SUPER_49B.read_text()))
     cfg["hidden_size"], cfg["num_attention_heads"] = hidden, heads  # ffn_mult and KV groups are relative
     return cfg
-
-
-def fast_fill_compat() -> None:
-    """Since a3c63e6, fixtures.random_tensor scales the q/k std by shape[1], which the fast fill's 1-D row
-    pattern does not have: hand it that row as a (1, n) tensor (same generator, same values) until
-    fixtures.py copes with 1-D shapes itself."""
-    from hetero_convert import fixtures
-
-    orig = fixtures.random_tensor
-
-    def random_tensor(name, shape, seed, dtype, std=0.02):
-        if len(shape) == 1 and name.endswith(("q_proj.weight", "k_proj.weight")):
-            return orig(name, (1,) + tuple(shape), seed, dtype, std)[0]
-        return orig(name, shape, seed, dtype, std)
-
-    fixtures.random_tensor = random_tensor
 
 
 # ---- one rank (run by torchrun) -----------------------------------------------------------------------------
@@ -168,7 +154,7 @@ def runs(a) -> list[tuple[int, int, bool]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default="/tmp/hc_bench")
+    p.add_argument("--workdir", default="/tmp/hc_bench/distributed")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
@@ -178,7 +164,7 @@ def main() -> None:
     p.add_argument("--max-shard-size", default="1GB", help="HF shards written by megatron-to-hf: the unit of work "
                    "there, so several per rank")
     p.add_argument("--threads-row", type=int, default=2, help="Also time one process with this many threads")
-    p.add_argument("--keep", action="store_true", help="Keep WORKDIR (default: delete it at the end)")
+    p.add_argument("--keep", action="store_true", help="Keep what this script wrote (default: delete it at the end)")
     # worker mode (under torchrun)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--direction", help=argparse.SUPPRESS)
@@ -198,7 +184,6 @@ def main() -> None:
     try:
         if not (src / "config.json").is_file():
             t0 = time.time()
-            fast_fill_compat()
             write_random_checkpoint(bench_config(a.hidden, a.heads), src, seed=0, max_shard_bytes=5 * 10**9 // 10,
                                     fast=True)
             print(f"generated {dir_bytes(src) / 1e9:.2f} GB in {time.time() - t0:.0f}s -> {src}", flush=True)
@@ -227,7 +212,11 @@ def main() -> None:
         print(table(rows))
     finally:
         if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            for name in ["src", "copy", "reports", "meg-reference"] + [f"{d}-{n}" for d in ("meg", "hf")
+                                                                       for n in a.ranks + [1]]:
+                shutil.rmtree(work / name, ignore_errors=True)
+            if work.is_dir() and not any(work.iterdir()):
+                work.rmdir()
 
 
 if __name__ == "__main__":
