@@ -32,7 +32,7 @@ from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.mappings import bind
 from hetero_convert.plan import load_plan
 
-SUPER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs" / "Llama-3_3-Nemotron-Super-49B-v1.json"
+SUPER = Path(__file__).resolve().parents[1] / "fixtures" / "released" / "Llama-3_3-Nemotron-Super-49B-v1.json"
 
 
 def scaled_super(hidden: int, layers: int, heads: int) -> dict:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-SUPER_49B = Path("/work/shared/fixtures/configs/Llama-3_3-Nemotron-Super-49B-v1.json")
+SUPER_49B = Path(__file__).resolve().parents[1] / "fixtures" / "released" / "Llama-3_3-Nemotron-Super-49B-v1.json"
 
 
 def bench_config(hidden: int, heads: int) -> dict:

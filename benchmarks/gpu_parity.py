@@ -40,7 +40,7 @@ from hetero_convert.verify import (  # noqa: E402
     megatron_forward,
 )
 
-SUPER_BLOCKS = Path(__file__).resolve().parents[1] / "benchmarks" / "super49b_block_configs.json"
+SUPER = Path(__file__).resolve().parents[1] / "fixtures" / "released" / "Llama-3_3-Nemotron-Super-49B-v1.json"
 
 
 def blk(group=None, mult=None, attn=None, ffn=None) -> dict:
@@ -62,7 +62,7 @@ def base_config(hidden: int, heads: int, blocks: list, rope_factor: float) -> di
 
 def super2b_config() -> dict:
     """Super-49B's released layer pattern (its first 30 blocks) at hidden 2048: ~2.1B parameters."""
-    blocks = json.loads(SUPER_BLOCKS.read_text())[:30]
+    blocks = json.loads(SUPER.read_text())["block_configs"][:30]
     for b in blocks:
         if b["attention"]["n_heads_in_group"] is not None:
             b["attention"]["n_heads_in_group"] = 2  # 16 heads, 8 KV heads as in Super

@@ -29,9 +29,7 @@ from hetero_convert.hf import (
 )
 from hetero_convert.hf.modeling_decilm import compute_inv_freq
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "configs")
-if not os.path.isdir(FIXTURES):
-    FIXTURES = "/work/shared/fixtures/configs"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "released")
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",

@@ -11,10 +11,10 @@ import pytest
 from hetero_convert.layout import LayoutError, check_layout, padded_vocab_size, pipeline_split, require_layout
 from hetero_convert.plan import load_plan
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
+RELEASED = Path(__file__).resolve().parents[1] / "fixtures" / "released"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-SUPER = SHARED / "Llama-3_3-Nemotron-Super-49B-v1.json"
-MINI = SHARED / "nemotron-nas-mini-every-kind.json"
+SUPER = RELEASED / "Llama-3_3-Nemotron-Super-49B-v1.json"
+MINI = RELEASED / "nemotron-nas-mini-every-kind.json"
 
 
 def test_vocab_padding_is_megatrons():

@@ -11,16 +11,14 @@ from hetero_convert.plan import (
     GQA, LINEAR, NONE, SWIGLU, PlanError, ffn_mult_to_width, load_plan, width_to_ffn_mult,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs"
+RELEASED = Path(__file__).resolve().parents[1] / "fixtures" / "released"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-SUPER = SHARED / "Llama-3_3-Nemotron-Super-49B-v1.json"
-MINI = SHARED / "nemotron-nas-mini-every-kind.json"
+SUPER = RELEASED / "Llama-3_3-Nemotron-Super-49B-v1.json"
+MINI = RELEASED / "nemotron-nas-mini-every-kind.json"
 
 
 def super_config() -> dict:
-    if SUPER.is_file():
-        return json.loads(SUPER.read_text())
-    pytest.skip("shared fixtures not present")
+    return json.loads(SUPER.read_text())
 
 
 def base(**kw) -> dict:
