@@ -24,15 +24,11 @@ import torch
 from .io.safetensors_writer import StreamingSafetensorsWriter, pack_in_order
 from .mappings import bind
 from .plan import load_config, load_plan
+from .resources import shipped_dir
 
 
 def bundled_fixtures_dir() -> Path:
-    """fixtures/ ships in the wheel as hetero_convert/_fixtures; in a source tree it is ../fixtures."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_fixtures", here.parent / "fixtures"):
-        if (candidate / "tiny-every-kind.json").is_file():
-            return candidate
-    raise FileNotFoundError("bundled fixtures not found")
+    return shipped_dir("fixtures", "tiny-every-kind.json")
 
 
 def bundled_config(name: str) -> dict:

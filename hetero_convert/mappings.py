@@ -18,15 +18,11 @@ from pathlib import Path
 
 from .layout import padded_vocab_size, pipeline_split
 from .plan import GQA, ModelPlan
+from .resources import shipped_dir
 
 
 def mappings_dir() -> Path:
-    """The tables ship inside the wheel as hetero_convert/_mappings; in a source tree they are at ../mappings."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_mappings", here.parent / "mappings"):
-        if (candidate / "decilm.toml").is_file():
-            return candidate
-    raise FileNotFoundError("mappings/decilm.toml not found next to the package")
+    return shipped_dir("mappings", "decilm.toml")
 
 
 @lru_cache(maxsize=None)
