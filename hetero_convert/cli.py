@@ -254,11 +254,12 @@ def hf_to_megatron_cmd(
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
 ):
     """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
-    from .convert import ConversionError, hf_to_megatron
+    from .convert import ConversionError, hf_to_megatron, release_freed_memory
     from .io.hf_reader import CheckpointError, HFCheckpoint
     from .layout import LayoutError
     from .plan import PlanError
 
+    release_freed_memory()  # bounded RSS with several writer threads (see its docstring)
     try:
         total = HFCheckpoint(hf_dir).total_bytes()
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
@@ -285,9 +286,10 @@ def megatron_to_hf_cmd(
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
 ):
     """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF DeciLM checkpoint, streaming."""
-    from .convert import ConversionError, megatron_to_hf
+    from .convert import ConversionError, megatron_to_hf, release_freed_memory
     from .plan import PlanError
 
+    release_freed_memory()  # bounded RSS with several writer threads (see its docstring)
     try:
         with Progress(0, "megatron-to-hf", False) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
