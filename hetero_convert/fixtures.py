@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import zlib
 from pathlib import Path
 
@@ -99,8 +98,3 @@ def write_random_checkpoint(
         cfg["auto_map"] = write_remote_code(out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -416,11 +416,6 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return out_logits, dict(sorted(all_layers.items()))
 
 
-def capture_hidden_states(model, input_ids, attention_mask=None, **kwargs):
-    """Same as `forward_logits(..., hidden=True)`: (logits, {layer index: hidden}) on rank 0, else None."""
-    return forward_logits(model, input_ids, attention_mask, hidden=True, **kwargs)
-
-
 def _pipeline_forward(model, ids, pos, mask, config):
     """One micro-batch through megatron's own pipeline schedule; returns the logits on the last stage
     (None elsewhere). The schedule sends activations of shape [s, b, h] in `config.pipeline_dtype`."""
