@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import PipelineSplit, padded_vocab_size, pipeline_split, require_layout
+from .layout import PipelineSplit, padded_vocab_size, require_layout
 from .plan import GQA, SWIGLU, ModelPlan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,8 +43,8 @@ def megatron_config(
     """The HeterogeneousTransformerConfig that describes `plan` at (tp, pp)."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
-    require_layout(plan, tp, pp)
-    split = split or pipeline_split(plan, pp)
+    # A caller that passes `split` has already checked the layout (spec_table); otherwise check it here.
+    split = split or require_layout(plan, tp, pp).split
     # Global defaults for fields megatron requires; every layer overrides them from its own block config.
     first_gqa = next((l.attention.num_kv_heads for l in plan.layers if l.attention.kind == GQA),
                      plan.num_attention_heads)
@@ -159,8 +159,8 @@ def describe_module(spec) -> str:
 
 def spec_table(plan: ModelPlan, tp: int = 1, pp: int = 1, use_te: bool = False) -> list[dict]:
     """Per-layer megatron module classes, built by megatron-core from the full config, no weights allocated."""
-    config = megatron_config(plan, tp, pp, cpu=True)
-    split = pipeline_split(plan, pp)
+    split = require_layout(plan, tp, pp).split
+    config = megatron_config(plan, tp, pp, cpu=True, split=split)
     # Build the whole list (pp_rank=0 with PP=1 semantics would slice it): ask per stage and concatenate.
     rows = []
     for stage, rng in enumerate(split.stage_ranges()):
