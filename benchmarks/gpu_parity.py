@@ -139,7 +139,7 @@ def run_case(name: str, hf_dir: Path, work: Path, layouts, dtypes, out: Path, pr
         for tp, pp, chunked in runs:
             if device == "cuda" and tp * pp > torch.cuda.device_count():
                 continue
-            meg_plan, _ = read_plan_from_megatron(iteration_dir(ckpts[chunked]))
+            meg_plan = read_plan_from_megatron(iteration_dir(ckpts[chunked]))
             t = time.time()
             try:
                 got = megatron_forward([(meg_plan, iteration_dir(ckpts[chunked]))], ids, mask, tp, pp, dtype, device,

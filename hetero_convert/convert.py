@@ -383,12 +383,11 @@ def iteration_dir(path: str | Path) -> Path:
     raise ConversionError(f"{p}: neither a Megatron checkpoint root ({TRACKER_FILE}) nor an iteration folder")
 
 
-def read_plan_from_megatron(it_dir: Path) -> tuple[ModelPlan, dict]:
-    """The model description: ours if present, else rebuilt from a training run's saved args."""
+def read_plan_from_megatron(it_dir: Path) -> ModelPlan:
+    """The model's plan: from our description if present, else rebuilt from a training run's saved args."""
     desc_path = it_dir / DESCRIPTION_FILE
     if desc_path.is_file():
-        desc = json.loads(desc_path.read_text())
-        return ModelPlan.from_json(desc["plan"]), desc
+        return ModelPlan.from_json(json.loads(desc_path.read_text())["plan"])
     common = it_dir / "common.pt"
     if common.is_file():
         state = torch.load(common, map_location="cpu", weights_only=False)
@@ -402,7 +401,7 @@ def read_plan_from_megatron(it_dir: Path) -> tuple[ModelPlan, dict]:
             cfg.setdefault("num_attention_heads", args.num_attention_heads)
             cfg.setdefault("num_hidden_layers", args.num_layers)
             cfg.setdefault("tie_word_embeddings", not getattr(args, "untie_embeddings_and_output_weights", True))
-            return load_plan(cfg), {"source": {"source_config": cfg}}
+            return load_plan(cfg)
     raise ConversionError(f"{it_dir}: no {DESCRIPTION_FILE} and no heterogeneous config in common.pt args: "
                           f"cannot tell which model this is")
 
@@ -500,7 +499,7 @@ class ToHFJob:
             raise ConversionError(f"--dtype must be one of {list(DTYPE_OPTIONS)}, got {dtype!r}")
         self.strict, self.progress = strict, progress
         it_dir = iteration_dir(megatron_dir)
-        self.plan, _ = read_plan_from_megatron(it_dir)
+        self.plan = read_plan_from_megatron(it_dir)
         self.reader = DCPReader(it_dir)
         self.maps = bind(self.plan)
         check_megatron_keys(self.reader, self.maps)

@@ -313,12 +313,13 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
     cases, plans = [], []
     for hf_dir, meg_dir in pairs:
         hf_plan = load_plan(hf_dir)
-        meg_plan, _ = read_plan_from_megatron(iteration_dir(meg_dir))
+        it_dir = iteration_dir(meg_dir)
+        meg_plan = read_plan_from_megatron(it_dir)
         if structural_check:
             diffs = same_model(hf_plan, meg_plan)
             if diffs:
                 raise ValueError(f"{hf_dir} and {meg_dir} describe different models:\n  - " + "\n  - ".join(diffs))
-        cases.append((meg_plan, iteration_dir(meg_dir)))
+        cases.append((meg_plan, it_dir))
         plans.append(meg_plan)
     vocab = min(p.vocab_size for p in plans)
     ids, mask = make_inputs(Path(pairs[0][0]), vocab, prompts, batch, seq_len, seed)
