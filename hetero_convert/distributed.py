@@ -46,8 +46,9 @@ import torch.distributed as dist
 
 from .convert import (
     ITERATION_DIR, ConversionError, Summary, ToHFJob, ToMegatronJob, begin_staging, commit_staging,
-    megatron_write_items, sha256_file, shard_groups, parse_size,
+    megatron_write_items, shard_groups, parse_size,
 )
+from .io.checksums import sha256_file
 from .io.dcp import extra_state_payload, finish_metadata, write_checkpoint
 
 FAIL_RANK_ENV = "HETERO_CONVERT_FAIL_RANK"

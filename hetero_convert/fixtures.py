@@ -93,7 +93,7 @@ def write_random_checkpoint(
                  "weight_map": {k: names[i] for i, shard in enumerate(shards) for k, _ in shard}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if plan.source_format.startswith("decilm"):
-        from .hf import write_remote_code
+        from .remote_code import write_remote_code
 
         cfg["auto_map"] = write_remote_code(out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -9,9 +9,6 @@ The two implementation files are also the remote code shipped with converted che
 `write_remote_code(out_dir)` copies them next to a checkpoint and returns the `auto_map` for its config.json.
 """
 
-import os
-import shutil
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_decilm import (
@@ -23,15 +20,8 @@ from .configuration_decilm import (
     parse_block_config,
 )
 from .modeling_decilm import DeciLMForCausalLM, DeciLMModel, DeciLMPreTrainedModel
-
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_decilm.DeciLMConfig",
-    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
-}
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REMOTE_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+# Re-exported: the copying lives outside this package so converters need not import transformers.
+from ..remote_code import AUTO_MAP, remote_code_files, write_remote_code
 
 
 class DeciConfig(DeciLMConfig):
@@ -64,23 +54,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def remote_code_files() -> list:
-    """Absolute paths of the files to ship as `trust_remote_code` code (configuration first)."""
-    return [os.path.join(_HERE, name) for name in _REMOTE_CODE_FILES]
-
-
-def write_remote_code(out_dir) -> dict:
-    """Copy the remote-code files into `out_dir` and return the `auto_map` dict for its config.json.
-
-    The caller decides whether to write the map into config.json (e.g. `config.auto_map = write_remote_code(d)`
-    before `save_pretrained`, or by editing the JSON afterwards).
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    for path in remote_code_files():
-        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
-    return dict(AUTO_MAP)
 
 
 __all__ = [

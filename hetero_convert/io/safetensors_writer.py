@@ -10,7 +10,9 @@ first and the tensors streamed after it. Files are read back with safetensors' o
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -19,11 +21,15 @@ from .hf_reader import DTYPE_NAMES
 
 
 class StreamingSafetensorsWriter:
+    """A safetensors file whose header is written first and whose tensors are then written, each once, at
+    their planned offsets, in any order and from any number of threads (positional writes, no shared file
+    position). `close()` fails unless every planned tensor was written, so a file with a hole never passes
+    for complete."""
+
     def __init__(self, path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.expected = [name for name, _, _ in layout]
-        self.layout = {name: (dtype, tuple(shape)) for name, dtype, shape in layout}
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for name, dtype, shape in layout:
@@ -31,36 +37,46 @@ class StreamingSafetensorsWriter:
             for s in shape:
                 n *= s
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.layout[name] = (dtype, tuple(shape), offset)
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
         self.data_bytes = offset
-        self.f = open(self.path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)))
-        self.f.write(raw)
-        self.written = 0
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+        self.pending = set(self.layout)
+        self.lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.written >= len(self.expected) or self.expected[self.written] != name:
-            want = self.expected[self.written] if self.written < len(self.expected) else "nothing"
-            raise ValueError(f"{self.path.name}: expected tensor '{want}' next, got '{name}'")
-        dtype, shape = self.layout[name]
+        if name not in self.layout:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
+        dtype, shape, offset = self.layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path.name}: tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"planned {dtype} {shape}")
+        with self.lock:
+            if name not in self.pending:
+                raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
+            self.pending.discard(name)
         data = tensor.detach().contiguous().cpu()
-        # A byte view of the tensor's memory: no copy for bf16 (numpy has no bf16, so view as uint8).
-        self.f.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
-        self.written += 1
+        if data.numel():
+            # A byte view of the tensor's memory: no copy for bf16 (numpy has no bf16, so view as uint8).
+            self._pwrite(memoryview(data.view(-1).view(torch.uint8).numpy()), self.data_start + offset)
+
+    def _pwrite(self, buf, at: int) -> None:
+        view, done = memoryview(buf).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], at + done)
 
     def close(self) -> None:
-        self.f.close()
-        if self.written != len(self.expected):
-            raise ValueError(f"{self.path.name}: {len(self.expected) - self.written} tensors were never written "
-                             f"(next: '{self.expected[self.written]}')")
+        os.close(self.fd)
+        if self.pending:
+            first = min(self.pending, key=lambda k: self.layout[k][2])
+            raise ValueError(f"{self.path.name}: {len(self.pending)} tensors were never written (first: '{first}')")
 
     def abort(self) -> None:
-        self.f.close()
+        os.close(self.fd)
 
 
 def pack_in_order(items: list, size_of, max_bytes: int) -> list[list]:
