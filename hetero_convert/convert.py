@@ -432,6 +432,8 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping]) -> None:
         if not ok:
             problems.append(f"{layer_name(m)}: '{m.megatron}' has shape {list(shape)}, the plan implies "
                             f"{list(m.shape)}")
+    absent = reader.missing_bytes()
+    problems += [f"{layer_name(m)}: '{m.megatron}': {absent[m.megatron]}" for m in maps if m.megatron in absent]
     known = {m.megatron for m in maps}
     leftover = sorted(k for k in stored if k not in known and not k.startswith(NON_MODEL_PREFIXES))
     problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
@@ -539,7 +541,11 @@ class ToHFJob:
                 budget.release(held)
 
     def _write_tensor(self, m: TensorMapping, w: StreamingSafetensorsWriter) -> None:
-        full = self.reader.load(m.megatron)
+        try:
+            full = self.reader.load(m.megatron)
+        except Exception as e:  # a corrupt chunk: name the tensor, not only the zip reader's complaint
+            raise ConversionError(f"{layer_name(m)}: cannot read '{m.megatron}': {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
         for key, t in zip(m.hf, split_to_hf(m, full)):
             t = t.to(self.dtype_of(m))
             check_finite(t, f"{layer_name(m)}: {key}", self.sink, self.strict)

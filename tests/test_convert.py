@@ -309,6 +309,48 @@ def test_megatron_side_wrong_shape(sources, tmp_path):
         megatron_to_hf(tmp_path / "meg", tmp_path / "back")
 
 
+def test_megatron_side_truncated_or_missing_data_file(sources, tmp_path):
+    """Caught from file sizes before anything is written, naming layer, tensor and file."""
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg", tp=2, pp=2)
+    it = tmp_path / "meg" / "release"
+    data = it / "__3_0.distcp"  # last stage, tp rank 1: holds a half of output_layer.weight
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(ConversionError, match=r"model: 'output_layer.weight': __3_0.distcp is truncated"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    data.unlink()
+    with pytest.raises(ConversionError, match=r"'output_layer.weight': data file __3_0.distcp is missing"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    assert_nothing_written(tmp_path, "back")
+
+
+def test_megatron_side_corrupt_chunk_names_the_tensor(sources, tmp_path):
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
+    reader = DCPReader(tmp_path / "meg" / "release")
+    key = "decoder.layers.0.mlp.linear_fc2.weight"
+    (info,) = [v for i, v in reader.metadata.storage_data.items() if i.fqn == key]
+    with open(reader.path / info.relative_path, "r+b") as f:  # the chunk's zip directory: same size, garbage
+        f.seek(info.offset + info.length - 30)
+        f.write(b"\xff" * 30)
+    with pytest.raises(ConversionError, match=r"layer 0: cannot read 'decoder.layers.0.mlp.linear_fc2.weight'"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back", workers=2)
+    assert_nothing_written(tmp_path, "back")
+
+
+def test_single_chunk_reads_equal_dcp_load(sources, tmp_path):
+    """DCPReader.load reads a TP=1 tensor straight from its byte range; it must equal DCP's own load (which
+    every multi-chunk tensor still goes through), in value, dtype and shape."""
+    import torch.distributed.checkpoint as dcp
+
+    hf_to_megatron(sources["tiny-ultra-kinds"], tmp_path / "meg")
+    reader = DCPReader(tmp_path / "meg" / "release")
+    for key, md in reader.tensor_keys().items():
+        assert reader._load_single_chunk(key, md) is not None, key  # the fast path is the one taken
+        ours = reader.load(key)
+        theirs = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
+        dcp.load(theirs, storage_reader=dcp.FileSystemReader(str(reader.path)), no_dist=True)
+        assert ours.dtype == theirs[key].dtype and torch.equal(ours, theirs[key]), key
+
+
 def test_not_a_megatron_checkpoint(tmp_path):
     with pytest.raises(ConversionError, match="neither a Megatron checkpoint root"):
         megatron_to_hf(tmp_path, tmp_path / "back")

@@ -17,6 +17,7 @@ saved in), caching the metadata so a thousand keys do not re-read it a thousand 
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -233,6 +234,43 @@ def extra_state_payload() -> io.BytesIO:
     return buf
 
 
+class _FileRange(io.RawIOBase):
+    """bytes [offset, offset + length) of an unbuffered file, as a seekable stream of its own. It has
+    `readinto`, which torch.load uses to read each record straight into the tensor's storage."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")
+        want = min(len(view), self.length - self.pos)
+        if want <= 0:
+            return 0
+        done = 0
+        while done < want:  # fill it all: torch's reader treats a short read as the end of the data
+            got = os.preadv(self.f.fileno(), [view[done:want]], self.start + self.pos + done)
+            if got <= 0:
+                break
+            done += got
+        self.pos += done
+        return done
+
+
 class _CachedReader(FileSystemReader):
     def __init__(self, path):
         super().__init__(str(path))
@@ -262,11 +300,50 @@ class DCPReader:
 
     def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         md = self.metadata.state_dict_metadata[key]
+        whole = self._load_single_chunk(key, md) if dtype in (None, md.properties.dtype) else None
+        if whole is not None:
+            return whole
         out = torch.empty(tuple(md.size), dtype=dtype or md.properties.dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore")
             dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
         return out
+
+    def missing_bytes(self) -> dict[str, str]:
+        """{key: why} for every entry whose bytes are not all there: its data file absent, or shorter than
+        the entry's offset + length (a truncated copy). Checked from file sizes alone, before any read."""
+        sizes: dict[str, int | None] = {}
+        out: dict[str, str] = {}
+        for index, info in self.metadata.storage_data.items():
+            name = info.relative_path
+            if name not in sizes:
+                p = self.path / name
+                sizes[name] = p.stat().st_size if p.is_file() else None
+            if sizes[name] is None:
+                out.setdefault(index.fqn, f"data file {name} is missing")
+            elif info.offset + info.length > sizes[name]:
+                out.setdefault(index.fqn, f"{name} is truncated: {sizes[name]} bytes, the chunk at offset "
+                                          f"{list(index.offset or [])} needs bytes up to {info.offset + info.length}")
+        return out
+
+    def _load_single_chunk(self, key: str, md: TensorStorageMetadata) -> torch.Tensor | None:
+        """A tensor saved as one chunk (TP=1), torch.load-ed straight from its byte range, or None.
+
+        This is the entry DCP's own reader would torch.load too; DCP then copies it into a preallocated tensor,
+        a second copy (and a second fresh allocation) of every byte that this path skips. Anything else (several
+        chunks, a storage transform such as compression) goes through DCP."""
+        if len(md.chunks) != 1 or tuple(md.chunks[0].sizes) != tuple(md.size):
+            return None
+        info = self.metadata.storage_data.get(MetadataIndex(key, md.chunks[0].offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        with open(self.path / info.relative_path, "rb", buffering=0) as f:
+            t = torch.load(_FileRange(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        if not isinstance(t, torch.Tensor) or t.shape != md.size or t.dtype != md.properties.dtype:
+            raise ValueError(f"{info.relative_path}: the chunk of '{key}' holds "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}, "
+                             f".metadata says {md.properties.dtype} {list(md.size)}")
+        return t
 
     def data_files(self) -> list[Path]:
         return sorted(self.path.glob("*.distcp"))
