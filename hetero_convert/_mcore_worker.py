@@ -14,7 +14,8 @@ INPUT.pt holds either an int tensor [batch, seq] or a dict {"input_ids": ..., "a
 
 `--save-random SEED` first builds the model with a seeded random init and saves it to --ckpt with megatron's
 own `dist_checkpointing.save` (then loads it back like any other checkpoint): a way to get reference
-Megatron checkpoints without any converter.
+Megatron checkpoints without any converter, chunked at --tp/--pp as a run at that layout chunks them.
+`--training-args` adds what a Megatron-LM training run keeps in common.pt (its args, with the HF config).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--save-random", type=int, default=None, metavar="SEED",
                     help="build a seeded random model, save it to --ckpt, then evaluate it from there")
     ap.add_argument("--init-std", type=float, default=None, help="init_method_std for --save-random")
+    ap.add_argument("--training-args", action="store_true",
+                    help="with --save-random: also store a Megatron-LM training run's args in common.pt")
     args = ap.parse_args(argv)
     if not len(args.plan_json) == len(args.ckpt) == len(args.out):
         ap.error("--plan-json, --ckpt and --out need the same number of values")
@@ -87,7 +90,7 @@ def main(argv=None) -> None:
                 overrides = {} if args.init_std is None else {"init_method_std": args.init_std}
                 model = rt.build_model(plan, args.tp, args.pp, args.dtype, args.device, **overrides)
                 _randomise_norms(model, args.save_random)
-                rt.save_checkpoint(model, ckpt)
+                rt.save_checkpoint(model, ckpt, rt.training_run_common_state(plan) if args.training_args else None)
                 del model
             model = rt.build_model(plan, args.tp, args.pp, args.dtype, args.device)
             rt.load_checkpoint(model, ckpt, strict=args.strict)

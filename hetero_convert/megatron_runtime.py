@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import signal
 import subprocess
@@ -279,16 +280,35 @@ def load_checkpoint(model, ckpt_dir: str | Path, strict: str = "raise_unexpected
     model.load_state_dict(state, strict=True)
 
 
-def save_checkpoint(model, ckpt_dir: str | Path) -> None:
+def save_checkpoint(model, ckpt_dir: str | Path, common: dict | None = None) -> None:
     """megatron's own save (torch_dist): used to make reference checkpoints from a random init.
 
-    Must run inside `if __name__ == "__main__":` of a torchrun worker that exits normally: the async writer
-    leaves a spawn Manager that is shut down at interpreter exit.
+    `common` entries (not sharded) go to common.pt beside the model's state, as Megatron-LM's training loop
+    stores its `args`, `iteration` and `checkpoint_version` there. Must run inside `if __name__ == "__main__":`
+    of a torchrun worker that exits normally: the async writer leaves a spawn Manager that is shut down at
+    interpreter exit.
     """
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    state = model.sharded_state_dict()
+    state.update(common or {})
+    dist_checkpointing.save(state, str(ckpt_dir))
+
+
+def training_run_common_state(plan: ModelPlan, iteration: int = 100) -> dict:
+    """The non-sharded entries a Megatron-LM training run of this heterogeneous model saves (its argparse
+    namespace as `args`, with the HF config it was given by --heterogeneous-layers-config-path kept as
+    `heterogeneous_layers_config_encoded_json`), so tests can make checkpoints that look like a run's."""
+    import argparse
+
+    args = argparse.Namespace(
+        heterogeneous_layers_config_encoded_json=json.dumps(plan.hf_config()),
+        hidden_size=plan.hidden_size, num_attention_heads=plan.num_attention_heads, num_layers=plan.num_layers,
+        vocab_size=plan.vocab_size, untie_embeddings_and_output_weights=not plan.tie_word_embeddings,
+        normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+    )
+    return {"args": args, "iteration": iteration, "checkpoint_version": 3.0}
 
 
 # ---- forward -------------------------------------------------------------------------------------------
