@@ -204,6 +204,10 @@ class Progress:
             self.p.start()
         return self
 
+    def set_total(self, total: int) -> None:
+        if self.enabled:
+            self.p.update(self.task, total=total)
+
     def __call__(self, n: int):
         if self.enabled:
             self.p.advance(self.task, n)
@@ -299,7 +303,7 @@ def megatron_to_hf_cmd(
 
     settle_process_for_streaming()  # bounded RSS, no collector or OpenMP overhead (see its docstring)
     try:
-        with Progress(0, "megatron-to-hf", False) as prog:
+        with Progress(0, "megatron-to-hf", not as_json and os.environ.get("WORLD_SIZE", "1") == "1") as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
                                progress=prog, distributed=distributed)

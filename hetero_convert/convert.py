@@ -527,6 +527,10 @@ class ToHFJob:
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.stored[m.megatron].properties.dtype
 
+    def output_bytes(self) -> int:
+        """Bytes of HF tensor data this job writes (vocab padding stripped, in the output dtype)."""
+        return sum(math.prod(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
+
     def stored_bytes(self, m: TensorMapping) -> int:
         md = self.stored[m.megatron]
         return math.prod(md.size) * md.properties.dtype.itemsize
@@ -588,7 +592,7 @@ class ToHFJob:
         n = len(self.shards)
         if n > 1:
             weight_map = {key: self.names[k] for k in range(n) for m in self.shards[k] for key in m.hf}
-            total = sum(math.prod(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
+            total = self.output_bytes()
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype
@@ -622,6 +626,8 @@ def megatron_to_hf(
                                           strict=strict, progress=progress)
     t0 = time.time()
     job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress)
+    if hasattr(progress, "set_total"):  # a progress bar learns the total once the checkpoint has been read
+        progress.set_total(job.output_bytes())
     with staged_output(Path(out_dir), overwrite) as tmp:
         job.write_shards(tmp, list(range(len(job.shards))), workers)
         job.sink.raise_if_any()

@@ -150,6 +150,27 @@ def test_megatron_checkpoint_at_one_tp_reads_back_whatever_tp(sources, tmp_path)
         assert torch.equal(a[:rows], b[:rows]), key
 
 
+def test_progress_reports_every_byte_and_the_total_first(sources, tmp_path):
+    """The bars advance by bytes written and end exactly at the total (megatron-to-hf learns its total from
+    the checkpoint, so it is told before the first byte)."""
+    src = sources["tiny-every-kind"]
+    h2m = []
+    s = hf_to_megatron(src, tmp_path / "meg", tp=2, pp=2, workers=2, progress=h2m.append)
+    padding = 2 * 24 * 128 * 2  # 1000 -> 1024 rows, embedding and output layer, bf16
+    assert sum(h2m) == s.bytes_written == HFCheckpoint(src).total_bytes() + padding
+
+    class Bar(list):
+        total = None
+
+        def set_total(self, n):
+            assert not self, "total must come before any progress"
+            self.total = n
+
+    m2h = Bar()
+    s = megatron_to_hf(tmp_path / "meg", tmp_path / "back", workers=2, progress=m2h)
+    assert m2h.total == sum(m2h) == s.bytes_written == HFCheckpoint(src).total_bytes()
+
+
 # ---- fail closed ----------------------------------------------------------------------------------------------
 
 
