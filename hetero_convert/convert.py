@@ -298,7 +298,7 @@ class ToMegatronJob:
         with self.counter:
             self.summary.bytes_written += t.numel() * t.element_size()
             self.summary.tensors += 1
-        if self.progress:
+        if self.progress is not None:
             self.progress(t.numel() * t.element_size())
         return t
 
@@ -557,7 +557,7 @@ class ToHFJob:
             with self.lock:
                 self.summary.tensors += 1
                 self.summary.bytes_written += t.numel() * t.element_size()
-            if self.progress:
+            if self.progress is not None:
                 self.progress(t.numel() * t.element_size())
         with self.lock:
             self.summary.bytes_read += full.numel() * full.element_size()

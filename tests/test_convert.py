@@ -162,6 +162,9 @@ def test_progress_reports_every_byte_and_the_total_first(sources, tmp_path):
     class Bar(list):
         total = None
 
+        def __call__(self, n):
+            self.append(n)
+
         def set_total(self, n):
             assert not self, "total must come before any progress"
             self.total = n
