@@ -463,6 +463,9 @@ def prune(
     tp: int = typer.Option(1, "--tp"),
     pp: int = typer.Option(1, "--pp"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
+                                                help="fp32 | bf16 for the scoring forwards (default: fp32 on "
+                                                     "cpu, bf16 on cuda)"),
     batch_size: int = typer.Option(4, "--batch-size", help="Calibration sequences per forward"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
@@ -490,7 +493,8 @@ def prune(
     except ValueError:
         fail(f"--ffn-widths {ffn_widths!r}: expected comma-separated integers")
     options = PruneOptions(calib_tokens=calib_tokens, score_tokens=score_tokens, seq_len=seq_len,
-                           batch_size=batch_size, device=device, ffn_widths=widths, flops_context=flops_context)
+                           batch_size=batch_size, device=device, compute_dtype=compute_dtype, ffn_widths=widths,
+                           flops_context=flops_context)
     try:
         with StepProgress(not as_json) as progress:
             from .prune import prune as run_prune

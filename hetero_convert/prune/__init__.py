@@ -32,6 +32,9 @@ class PruneError(ValueError):
     pass
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class PruneOptions:
     calib_tokens: int = 16384  # tokens the statistics (least squares, importances) are measured on
@@ -39,6 +42,8 @@ class PruneOptions:
     seq_len: int = 256
     batch_size: int = 4
     device: str = "cpu"
+    # Dtype of the scoring forwards: None = fp32 on CPU, bf16 on a GPU. Statistics accumulate in fp64 either way.
+    compute_dtype: str | None = None
     ffn_widths: list[int] | None = None  # None: the format's widths, subsampled to max_ffn_widths
     max_ffn_widths: int = 8
     flops_context: int = 4096  # sequence length the attention term of --target-flops assumes
@@ -104,7 +109,10 @@ def prune(src, out, calib_text: str | None = None, *, target: str, fraction: flo
         raise PruneError("--device cuda: no CUDA device is available")
     check_out_dir(out, overwrite)
     t0 = time.time()
-    parent = ParentModel(src, options.device, max_resident_bytes=options.max_resident_bytes)
+    if options.compute_dtype not in (None, *COMPUTE_DTYPES):
+        raise PruneError(f"--compute-dtype must be one of {sorted(COMPUTE_DTYPES)}")
+    parent = ParentModel(src, options.device, dtype=COMPUTE_DTYPES.get(options.compute_dtype),
+                         max_resident_bytes=options.max_resident_bytes)
     if calib_ids is None:
         if calib_text is None:
             raise PruneError("calibration text or token ids are required")
