@@ -259,13 +259,18 @@ def hf_to_megatron_cmd(
 ):
     """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
     from .io.checksums import FileHashes
+    from .io.hf_index import CheckpointError, shard_files
 
     # Hash the source (and so read it from disk) while torch and DCP are being imported: that start-up takes
     # ~1.7 s on one core. Under torchrun each process hashes its own share instead (distributed.py).
     single = not distributed and os.environ.get("WORLD_SIZE", "1") == "1"
-    hashes = FileHashes(sorted(hf_dir.glob("*.safetensors")) if single and hf_dir.is_dir() else [])
+    try:
+        names = shard_files(hf_dir)[1] if single else []
+    except CheckpointError:
+        names = []  # reported, with the rest of the checks, by the converter
+    hashes = FileHashes(hf_dir / n for n in names)
     from .convert import ConversionError, hf_to_megatron, settle_process_for_streaming
-    from .io.hf_reader import CheckpointError, HFCheckpoint
+    from .io.hf_reader import HFCheckpoint
     from .layout import LayoutError
     from .plan import PlanError
 

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import torch
 
+from .hf_index import CheckpointError, shard_files
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as it claims to be."""
 
 
 @dataclass(frozen=True)
@@ -69,17 +67,7 @@ class HFCheckpoint:
 
     # ---- validation -----------------------------------------------------------------------------------
     def _scan(self) -> None:
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-            files = sorted(set(weight_map.values()))
-        elif (self.dir / "model.safetensors").is_file():
-            weight_map, files = None, ["model.safetensors"]
-        else:
-            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        weight_map, files = shard_files(self.dir)
         missing_files = [f for f in files if not (self.dir / f).is_file()]
         if missing_files:
             named = sorted(k for k, v in (weight_map or {}).items() if v in missing_files)
