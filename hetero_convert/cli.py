@@ -274,7 +274,7 @@ def hf_to_megatron_cmd(
     from .layout import LayoutError
     from .plan import PlanError
 
-    settle_process_for_streaming()  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
     try:
         total = HFCheckpoint(hf_dir).total_bytes()
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
@@ -296,7 +296,7 @@ def megatron_to_hf_cmd(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
     dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
     tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from here"),
-    workers: int = typer.Option(1, "--workers", help="Shards written concurrently"),
+    workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json"),
@@ -306,7 +306,7 @@ def megatron_to_hf_cmd(
     from .convert import ConversionError, megatron_to_hf, settle_process_for_streaming
     from .plan import PlanError
 
-    settle_process_for_streaming()  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
     try:
         with Progress(0, "megatron-to-hf", not as_json and os.environ.get("WORLD_SIZE", "1") == "1") as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,22 +149,22 @@ def release_freed_memory() -> bool:
         return False
 
 
-def settle_process_for_streaming() -> None:
+def settle_process_for_streaming(workers: int = 1) -> None:
     """Process-wide settings for a conversion command (the CLI calls this once, after its imports).
 
     - glibc's mmap threshold pinned: see `release_freed_memory`.
     - `gc.freeze()`: the ~10^6 objects that importing torch and DCP creates never become garbage, yet every
       full collection during the run, and the interpreter's teardown, walked them: 6-9% of a 1 GB run's CPU
       samples were in the collector, and exit took 0.6 s instead of 0.2 s (measured on this machine).
-    - one intra-op thread: conversion moves bytes, it does no arithmetic worth splitting, and with several
-      writer threads each small copy or min/max otherwise woke an OpenMP team whose spinning took ~9% of the
-      samples on 2 cores.
+    - intra-op threads: half the cores per writer thread (the other half reads, writes and hashes), so one on
+      2 cores. Conversion moves bytes; beyond dtype casts it does no arithmetic worth splitting, and an
+      OpenMP team per small copy or min/max spun ~9% of the CPU samples on 2 cores.
     """
     import gc
 
     release_freed_memory()
     gc.freeze()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * max(1, workers))))
 
 
 def check_finite(t: torch.Tensor, what: str, sink: ErrorSink, strict: bool) -> None:
@@ -553,7 +553,10 @@ class ToHFJob:
         for key, t in zip(m.hf, split_to_hf(m, full)):
             t = t.to(self.dtype_of(m))
             check_finite(t, f"{layer_name(m)}: {key}", self.sink, self.strict)
-            w.write(key, t)
+            try:
+                w.write(key, t)
+            except OSError as e:  # disk full, I/O error: say which tensor and shard
+                raise ConversionError(f"{layer_name(m)}: writing '{key}' to {w.path.name}: {e}") from e
             with self.lock:
                 self.summary.tensors += 1
                 self.summary.bytes_written += t.numel() * t.element_size()
@@ -576,7 +579,9 @@ class ToHFJob:
                           for key, shape in zip(m.hf, m.hf_shapes)]
                 writers[k] = StreamingSafetensorsWriter(tmp / self.names[k], layout)
             futures = [pool.submit(self.write_tensor, m, writers[k], budget) for k in shards for m in self.shards[k]]
-            for f in futures:
+            # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
                 f.result()
             pool.shutdown()
             for k in shards:

@@ -363,6 +363,24 @@ def test_megatron_side_corrupt_chunk_names_the_tensor(sources, tmp_path):
     assert_nothing_written(tmp_path, "back")
 
 
+def test_megatron_to_hf_disk_full_names_tensor_and_shard(sources, tmp_path, monkeypatch):
+    from hetero_convert.io.safetensors_writer import StreamingSafetensorsWriter
+
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
+    real = StreamingSafetensorsWriter._pwrite
+
+    def pwrite(self, buf, at):
+        if at > 0 and at == self.data_start + self.layout.get("model.layers.3.mlp.down_proj.weight", (0, 0, -1))[2]:
+            raise OSError(28, "No space left on device")
+        return real(self, buf, at)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "_pwrite", pwrite)
+    with pytest.raises(ConversionError, match=r"layer 3: writing 'model.layers.3.mlp.down_proj.weight' to "
+                                              r"model-\d+-of-\d+.safetensors: .*No space left"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back", max_shard_size="300KB", workers=2)
+    assert_nothing_written(tmp_path, "back")
+
+
 def test_single_chunk_reads_equal_dcp_load(sources, tmp_path):
     """DCPReader.load reads a TP=1 tensor straight from its byte range; it must equal DCP's own load (which
     every multi-chunk tensor still goes through), in value, dtype and shape."""

@@ -68,8 +68,8 @@ def test_check_finite_finds_one_bad_value_anywhere(dtype, bad):
     assert sink.warnings == [] and sink.errors == []
 
 
-def test_sha256_over_windows_equals_hashlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(checksums, "WINDOW", 1 << 16)  # several windows and a partial last one
+def test_sha256_over_blocks_equals_hashlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(checksums, "BLOCK", 1 << 16)  # several blocks and a partial last one
     data = random.Random(0).randbytes((1 << 18) + 12345)
     p = tmp_path / "f.bin"
     p.write_bytes(data)
@@ -88,21 +88,52 @@ def test_file_hashes_background_and_late_files(tmp_path):
     assert got == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def test_file_hashes_close_stops_early(tmp_path, monkeypatch):
-    monkeypatch.setattr(checksums, "WINDOW", 1 << 12)
+def test_file_hashes_close_stops_between_blocks(tmp_path, monkeypatch):
+    """close() during a file's first block: the thread hashes no further block and records no digest."""
+    monkeypatch.setattr(checksums, "BLOCK", 1 << 12)
     p = tmp_path / "big"
-    p.write_bytes(b"x" * (1 << 20))
-    started = threading.Event()
-    real = checksums.sha256_file
+    p.write_bytes(b"x" * (1 << 20))  # 256 blocks
+    blocks, first_block, closed = [], threading.Event(), threading.Event()
 
-    def slow(path, cancelled=None):
-        started.set()
-        cancelled.wait(5)  # closed before it finishes: must give up at the next window
-        return real(path, cancelled)
+    real_sha256 = hashlib.sha256
 
-    monkeypatch.setattr(checksums, "sha256_file", slow)
+    class Recorder:
+        def __init__(self):
+            self.h = real_sha256()
+
+        def update(self, data):
+            blocks.append(len(data))
+            first_block.set()
+            closed.wait(5)  # the main thread closes while this block is being hashed
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(checksums.hashlib, "sha256", Recorder)
     hashes = FileHashes([p])
-    started.wait(5)
+    assert first_block.wait(5)
     hashes.close()
+    closed.set()
     hashes._thread.join(5)
-    assert not hashes._thread.is_alive() and hashes._digests == {}
+    assert not hashes._thread.is_alive()
+    assert blocks == [1 << 12] and hashes._digests == {}
+
+
+def test_writer_keeps_a_tensor_whose_write_failed_pending(tmp_path, monkeypatch):
+    """A write that raises (disk full) must not count: close() still reports the tensor as missing."""
+    layout, tensors = layout_and_tensors()
+    w = StreamingSafetensorsWriter(tmp_path / "x.safetensors", layout)
+
+    def full(buf, at):
+        raise OSError(28, "No space left on device")
+
+    real = w._pwrite
+    monkeypatch.setattr(w, "_pwrite", full)
+    with pytest.raises(OSError):
+        w.write("a", tensors["a"])
+    monkeypatch.setattr(w, "_pwrite", real)
+    for k in ("b", "c", "d", "e"):
+        w.write(k, tensors[k])
+    with pytest.raises(ValueError, match=r"1 tensors were never written \(first: 'a'\)"):
+        w.close()

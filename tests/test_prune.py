@@ -292,12 +292,17 @@ def test_compute_dtype_is_what_the_scores_are_measured_in(tiny, tmp_path):
     for dt in ("fp32", "bf16"):
         opts = PruneOptions(calib_tokens=256, score_tokens=128, seq_len=32, compute_dtype=dt)
         report = prune(tiny, tmp_path / dt, calib_ids=calib_ids(), target="params", fraction=0.7, options=opts)
-        assert report["options"]["compute_dtype"] == dt
+        assert report["options"]["compute_dtype"] == dt and report["compute_dtype"] == dt
+        assert json.loads((tmp_path / dt / "prune_scores.json").read_text())["compute_dtype"] == dt
         scores = json.loads((tmp_path / dt / "prune_scores.json").read_text())
         kl[dt] = [v["kl"] for layer in scores["layers"] for v in layer["variants"]]
     assert len(kl["fp32"]) == len(kl["bf16"]) and kl["fp32"] != kl["bf16"]
     close = [abs(a - b) <= 0.1 * max(a, 1e-3) for a, b in zip(kl["fp32"], kl["bf16"])]
     assert sum(close) >= 0.8 * len(close)  # the same measurement, at a coarser precision
+    # Reusing bf16 scores in an fp32 run is allowed, and the report says so.
+    report = prune(tiny, tmp_path / "reuse", calib_ids=calib_ids(), target="params", fraction=0.7,
+                   scores_from=tmp_path / "bf16", options=PruneOptions(calib_tokens=256, score_tokens=128, seq_len=32))
+    assert report["compute_dtype"] == "fp32" and report["scores_compute_dtype"] == "bf16"
     with pytest.raises(PruneError, match="--compute-dtype must be one of"):
         prune(tiny, tmp_path / "x", calib_ids=calib_ids(), target="params", fraction=0.7,
               options=PruneOptions(compute_dtype="fp8"))

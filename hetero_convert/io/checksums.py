@@ -9,39 +9,41 @@ start-up on one core is then spent hashing, and reading the source from disk, on
 from __future__ import annotations
 
 import hashlib
-import mmap
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-WINDOW = 64 << 20
+BLOCK = 8 << 20
 
 
 def sha256_file(path: str | Path, cancelled: threading.Event | None = None) -> str | None:
-    """The file's sha256, hashed straight from the page cache through a 64 MiB mapping at a time (no copy
-    into a buffer; at most one window resident). None if `cancelled` was set before it finished."""
+    """The file's sha256, read through one reused buffer (no allocation per block; plain reads, so a file
+    that shrinks meanwhile is hashed to its new end instead of faulting a mapping). None if `cancelled` was set
+    before it finished."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for offset in range(0, size, WINDOW):
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
             if cancelled is not None and cancelled.is_set():
                 return None
-            with mmap.mmap(f.fileno(), min(WINDOW, size - offset), offset=offset, access=mmap.ACCESS_READ) as m:
-                h.update(m)
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
     return h.hexdigest()
 
 
 class FileHashes:
     """sha256 of each given file, computed in order on one background thread from construction on.
 
-    The thread is a daemon and checks `close()` between windows, so a conversion that fails early exits at
+    The thread is a daemon and checks `close()` between blocks, so a conversion that fails early exits at
     once instead of waiting for gigabytes to be hashed."""
 
     def __init__(self, paths: Iterable[str | Path]):
         self._paths = [Path(p) for p in paths]
         self._digests: dict[Path, str] = {}
-        self._errors: dict[Path, OSError] = {}
+        self._errors: dict[Path, Exception] = {}
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
@@ -50,7 +52,7 @@ class FileHashes:
         for p in self._paths:
             try:
                 digest = sha256_file(p, self._cancelled)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - re-raised by results(), in the caller's thread
                 self._errors[p] = e
                 continue
             if digest is None:

@@ -44,8 +44,13 @@ class StreamingSafetensorsWriter:
         self.data_start = 8 + len(raw)
         self.data_bytes = offset
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
-        self.pending = set(self.layout)
+        try:
+            self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.pending = set(self.layout)  # not yet written completely
+        self.claimed: set[str] = set()  # being written or written: a second write is refused
         self.lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -56,13 +61,15 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"{self.path.name}: tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"planned {dtype} {shape}")
         with self.lock:
-            if name not in self.pending:
+            if name in self.claimed:
                 raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
-            self.pending.discard(name)
+            self.claimed.add(name)
         data = tensor.detach().contiguous().cpu()
         if data.numel():
             # A byte view of the tensor's memory: no copy for bf16 (numpy has no bf16, so view as uint8).
             self._pwrite(memoryview(data.view(-1).view(torch.uint8).numpy()), self.data_start + offset)
+        with self.lock:  # only now complete: a write that raised above leaves the tensor pending
+            self.pending.discard(name)
 
     def _pwrite(self, buf, at: int) -> None:
         view, done = memoryview(buf).cast("B"), 0

@@ -35,6 +35,10 @@ class PruneError(ValueError):
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in COMPUTE_DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
 @dataclass
 class PruneOptions:
     calib_tokens: int = 16384  # tokens the statistics (least squares, importances) are measured on
@@ -91,6 +95,10 @@ def build_report(parent: ParentModel, sel: dict, scores: dict, options: PruneOpt
         "calibration": scores.get("calibration"),
         "parent_lm_loss": scores.get("parent_lm_loss"),
         "options": {k: v for k, v in asdict(options).items() if k != "recipe"} | {"recipe": asdict(options.recipe)},
+        # What the forwards of this run used (the option may be None = the device's default), and what the
+        # scores were measured in (a reused file may come from another run).
+        "compute_dtype": dtype_name(parent.dtype),
+        "scores_compute_dtype": scores.get("compute_dtype"),
         "seconds": seconds,
         "layers": layers,
     }
@@ -131,8 +139,12 @@ def prune(src, out, calib_text: str | None = None, *, target: str, fraction: flo
         if scores["calibration"] != calib.fingerprint():
             # Scores stay meaningful, but fitted variants are rebuilt from this calibration, not the scored one.
             scores["calibration_note"] = "calibration differs from the one the scores were measured on"
+        if scores.get("compute_dtype", dtype_name(parent.dtype)) != dtype_name(parent.dtype):
+            scores["compute_dtype_note"] = (f"scores were measured in {scores['compute_dtype']}; this run fits the "
+                                            f"chosen variants in {dtype_name(parent.dtype)}")
     else:
         scores = score_all(parent, calib, options.recipe, options.ffn_widths, options.max_ffn_widths, progress)
+        scores["compute_dtype"] = dtype_name(parent.dtype)
         out.mkdir(parents=True, exist_ok=True)
         save_scores(scores, out)  # saved before the search, so a failed search never loses them
     t2 = time.time()
