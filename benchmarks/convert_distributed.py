@@ -40,8 +40,9 @@ def bench_config(hidden: int, heads: int) -> dict:
 
 
 def worker(a) -> None:
-    from hetero_convert.convert import hf_to_megatron, megatron_to_hf
+    from hetero_convert.convert import hf_to_megatron, megatron_to_hf, settle_process_for_streaming
 
+    settle_process_for_streaming(a.threads)  # what the CLI does before converting
     t0 = time.time()
     if a.direction == "hf-to-megatron":
         s = hf_to_megatron(a.src, a.out, tp=a.tp, pp=a.pp, workers=a.threads, distributed=None)
