@@ -133,26 +133,23 @@ class HFCheckpoint:
         self.read_into(out, name, r0, cols)
         return out
 
-    # A column slice is read one block of rows at a time (whole rows are contiguous on disk, columns are not),
-    # so the extra memory stays at one block whatever the tensor's size.
-    ROW_BLOCK_BYTES = 32 << 20
-
     def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None:
         """Fill `out` (rows row_start.. of tensor `name`, [:, cols] if given) straight from the file."""
         info = self.tensors[name]
         row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
         if out.dtype != info.dtype:
             raise ValueError(f"read_into: {name} is {info.dtype}, buffer is {out.dtype}")
+        flat = memoryview(out.view(-1).view(torch.uint8).numpy())
         if cols is None:
-            self._pread(info, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset + row_start * row_bytes)
+            self._pread(info, flat, info.offset + row_start * row_bytes)
             return
-        block = max(1, self.ROW_BLOCK_BYTES // max(row_bytes, 1))
-        for a in range(0, out.shape[0], block):
-            b = min(out.shape[0], a + block)
-            rows = torch.empty((b - a,) + tuple(info.shape[1:]), dtype=info.dtype)
-            self._pread(info, memoryview(rows.view(-1).view(torch.uint8).numpy()),
-                        info.offset + (row_start + a) * row_bytes)
-            out[a:b].copy_(rows[:, cols])
+        # A column slice (a TP chunk of a row-parallel weight) is one short byte range per row: read exactly
+        # those, each into its row of `out`, so TP chunks of a tensor together read it once, not TP times.
+        c0, c1, _ = cols.indices(info.shape[1])
+        width = (c1 - c0) * info.dtype.itemsize
+        first = info.offset + row_start * row_bytes + c0 * info.dtype.itemsize
+        for r in range(out.shape[0]):
+            self._pread(info, flat[r * width:(r + 1) * width], first + r * row_bytes)
 
     def _pread(self, info: "TensorInfo", buf: memoryview, offset: int) -> None:
         fd, done, n = self._fd(info.file), 0, len(buf)
