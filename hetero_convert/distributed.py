@@ -36,7 +36,6 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -48,7 +47,7 @@ from .convert import (
     ITERATION_DIR, ConversionError, Summary, ToHFJob, ToMegatronJob, begin_staging, commit_staging,
     megatron_write_items, shard_groups, parse_size,
 )
-from .io.checksums import sha256_file
+from .io.checksums import FileHashes
 from .io.dcp import extra_state_payload, finish_metadata, write_checkpoint
 
 FAIL_RANK_ENV = "HETERO_CONVERT_FAIL_RANK"
@@ -287,14 +286,16 @@ def hf_to_megatron_distributed(hf_dir, out_dir, tp=1, pp=1, dtype="keep", worker
         tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
 
         def work():
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                sums = {files[i].name: pool.submit(sha256_file, files[i]) for i in mine}
+            hashes = FileHashes(files[i] for i in mine)
+            try:
                 _, results = write_checkpoint(tmp / ITERATION_DIR, job.items, job.resolve, threads=workers,
                                               after_rank=lambda r: job.sink.raise_if_any(), ranks=share.ranks,
                                               subset=share.subset, file_tag=f"p{comm.rank}_",
                                               write_metadata=False)
                 job.sink.raise_if_any()
-                sums = {name: fut.result() for name, fut in sums.items()}
+                sums = hashes.results(files[i] for i in mine)
+            finally:
+                hashes.close()
             fail_here_for_test(comm.rank)
             return {"results": results, "sha256": sums, "tensors": job.summary.tensors,
                     "bytes_written": job.summary.bytes_written, "warnings": job.sink.warnings}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..spec import DTYPES
 from .candidates import Recipe
 from .export import REPORT_FILE, export_checkpoint
 from .parent import Calibration, ParentModel, calibrate, calibration_ids
@@ -32,7 +33,7 @@ class PruneError(ValueError):
     pass
 
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {k: DTYPES[k] for k in ("fp32", "bf16")}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
