@@ -40,7 +40,7 @@ def run_demo(workdir: Path, tp: int, pp: int, console: Console, verify: bool = T
     plan = load_plan(src)
     console.print(f"1. wrote the bundled heterogeneous example to {src}", highlight=False)
     s1 = hf_to_megatron(src, workdir / "megatron", tp=tp, pp=pp, overwrite=True)
-    console.print(f"2. hf-to-megatron TP={tp} PP={pp}: {s1.tensors} chunks in {s1.layout['files']} files, "
+    console.print(f"2. hf-to-megatron TP={tp} PP={pp}: {s1.chunks} chunks of {s1.tensors} tensors in {s1.layout['files']} files, "
                   f"{s1.seconds:.2f}s -> {workdir / 'megatron'}", highlight=False)
     s2 = megatron_to_hf(workdir / "megatron", workdir / "hf-roundtrip", max_shard_size="1MB", overwrite=True)
     console.print(f"3. megatron-to-hf: {s2.tensors} tensors, {s2.seconds:.2f}s -> {workdir / 'hf-roundtrip'}",
@@ -60,8 +60,7 @@ def run_demo(workdir: Path, tp: int, pp: int, console: Console, verify: bool = T
         prefix = f"model.layers.{layer.index}."
         layer_bad = [k for k in bad if k.startswith(prefix)]
         stages[layer.index] = split.stage_of_layer(layer.index)
-        a = {"gqa": f"GQA kv={layer.attention.num_kv_heads}", "linear": "linear", "none": "-"}[layer.attention.kind]
-        f = {"swiglu": f"SwiGLU {layer.ffn.width}", "linear": "linear", "none": "-"}[layer.ffn.kind]
+        a, f = (sub.spec.describe(sub) for sub in layer.parts)
         t.add_row(str(layer.index), a, f, str(plan.layer_parameters(layer)["total"]), str(stages[layer.index]),
                   "[red]NO[/]" if layer_bad else ("[green]yes[/]" if plan.layer_parameters(layer)["total"] else "(empty)"))
     console.print(t)

@@ -14,14 +14,14 @@ scaled by sqrt(128/hidden)) so attention is far from uniform and a wrong RoPE fa
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from pathlib import Path
 
 import torch
 
-from .io.safetensors_writer import StreamingSafetensorsWriter, pack_in_order
-from .mappings import bind
+from .dtypes import config_name
+from .io.hf_checkpoint import ShardedWriter, plan_shards
+from .mappings import expected_hf_keys
 from .plan import load_config, load_plan
 from .resources import shipped_dir
 
@@ -74,24 +74,20 @@ def write_random_checkpoint(
     if isinstance(config, str) and not Path(config).exists():
         config = bundled_config(config)
     cfg = dict(config) if isinstance(config, dict) else load_config(config)
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = config_name(dtype)
     plan = load_plan(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = [(k, s) for m in bind(plan) for k, s in zip(m.hf, m.hf_shapes)]
-    shards = pack_in_order(tensors, lambda ks: dtype.itemsize * math.prod(ks[1]), max_shard_bytes)
-    names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-             if len(shards) > 1 else ["model.safetensors"])
-    for name, shard in zip(names, shards):
-        w = StreamingSafetensorsWriter(out / name, [(k, dtype, s) for k, s in shard])
-        for key, shape in shard:
-            w.write(key, _filler(key, shape, seed, dtype, fast))
-        w.close()
-    if len(shards) > 1:
-        total = sum(dtype.itemsize * math.prod(s) for _, s in tensors)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: names[i] for i, shard in enumerate(shards) for k, _ in shard}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    tensors = [(k, dtype, s) for k, s in expected_hf_keys(plan).items()]
+    writer = ShardedWriter(out, plan_shards([[t] for t in tensors], max_shard_bytes))
+    try:
+        for key, _, shape in tensors:
+            writer.write(key, _filler(key, shape, seed, dtype, fast))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.write_index()
     if plan.source_format.startswith("decilm"):
         from .remote_code import write_remote_code
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .plan import GQA, LINEAR, SWIGLU, ModelPlan
+from .errors import LayoutError
+from .plan import ModelPlan
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -79,37 +80,16 @@ class LayoutReport:
         return "\n".join([head] + [f"  - {v}" for v in self.violations])
 
 
-class LayoutError(ValueError):
-    def __init__(self, report: LayoutReport):
-        super().__init__(report.message())
-        self.report = report
-
-
 def tp_violations(plan: ModelPlan, tp: int) -> list[Violation]:
-    out: list[Violation] = []
-    h, heads = plan.hidden_size, plan.num_attention_heads
     if tp < 1:
         return [Violation(None, "tensor_parallel", f"TP must be >= 1, got {tp}")]
-    if heads % tp:
-        out.append(Violation(None, "num_attention_heads", f"{heads} heads are not divisible by TP={tp}"))
+    out: list[Violation] = []
+    if plan.num_attention_heads % tp:
+        out.append(Violation(None, "num_attention_heads",
+                             f"{plan.num_attention_heads} heads are not divisible by TP={tp}"))
     for layer in plan.layers:
-        i = layer.index
-        if layer.attention.kind == GQA:
-            ng = layer.attention.num_kv_heads
-            if ng % tp and tp % ng:
-                out.append(Violation(i, "self_attention.linear_qkv",
-                                     f"{ng} KV heads is neither a multiple nor a divisor of TP={tp}"))
-            elif plan.qkv_rows(layer) % tp:
-                out.append(Violation(i, "self_attention.linear_qkv",
-                                     f"{plan.qkv_rows(layer)} QKV rows do not split into TP={tp} chunks"))
-        elif layer.attention.kind == LINEAR and h % tp:
-            out.append(Violation(i, "self_attention (linear replacement)",
-                                 f"hidden size {h} is not divisible by TP={tp}"))
-        if layer.ffn.kind == SWIGLU and layer.ffn.width % tp:
-            out.append(Violation(i, "mlp.linear_fc1",
-                                 f"FFN width {layer.ffn.width} is not divisible by TP={tp}"))
-        elif layer.ffn.kind == LINEAR and h % tp:
-            out.append(Violation(i, "mlp (linear replacement)", f"hidden size {h} is not divisible by TP={tp}"))
+        for sub in layer.parts:
+            out += [Violation(layer.index, tensor, reason) for tensor, reason in sub.spec.tp_violations(plan, sub, tp)]
     return out
 
 

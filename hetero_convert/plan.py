@@ -5,11 +5,12 @@ tensors per layer kind, the spec builder feeds megatron-core, the HF exporter re
 and `inspect` counts parameters, all from the same plan. It is built from any config form found in the wild
 (see `load_plan`), and building it is where bad configs are rejected, with the layer named.
 
-Layer kinds:
+Layer kinds (each one a module of kinds/, which knows everything about it):
   attention: "gqa" (softmax attention with this layer's own KV-head count), "linear" (one H x H matrix
              after the input norm, with a residual add), "none" (no norm, no attention, no residual).
   ffn:       "swiglu" (gate/up/down with this layer's own width), "linear", "none".
 A layer with both parts "none" is a dummy layer (Ultra-253B has 81 of them): identity, no parameters.
+This module holds the config schemas (released, newer, DeciLM-7B, Llama) and the model-level fields.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import PlanError
+from .kinds import ATTENTION, FFN_PART, Attention, FFN, kinds
+from .kinds.swiglu import ffn_mult_to_width, width_to_ffn_mult
+
+# The kind names as plans, descriptions and the mapping tables store them (kinds/ holds what each means).
 GQA, LINEAR, NONE, SWIGLU = "gqa", "linear", "none", "swiglu"
 
-DECILM_MODEL_TYPES = ("nemotron-nas", "deci")
-
-# Released block_configs list every subblock field (the remote code serialises dataclasses with asdict),
-# in this key order. We regenerate exactly this form on export.
+# The block_configs schema of the released checkpoints: every subblock field is listed (the remote code
+# serialises dataclasses with asdict), in this key order, and we regenerate exactly this form on export. Each
+# kind sets its own fields on top of these defaults (`SubBlockKind.released_fields`).
 RELEASED_ATTENTION_DEFAULTS: dict[str, Any] = {
     "n_heads_in_group": None,
     "no_op": False,
@@ -42,9 +47,9 @@ RELEASED_FFN_DEFAULTS: dict[str, Any] = {
     "replace_with_linear": False,
     "sparsify": None,
 }
-# Fields of the newer (Model-Optimizer puzzletron) schema that we understand: they state counts directly.
-NEWER_ATTENTION_KEYS = {"num_key_value_heads"}
-NEWER_FFN_KEYS = {"intermediate_size"}
+# megatron-core's native block-config keys (so its parser never has to guess or pop), before each kind's own.
+MEGATRON_DEFAULTS = {ATTENTION: {"no_op": False, "replace_with_linear": False, "num_query_groups": None},
+                     FFN_PART: {"no_op": False, "replace_with_linear": False, "ffn_hidden_size": None}}
 # Fields whose non-default value changes the forward pass in a way this project does not implement.
 # Accepting them silently would produce a model that computes something else, so they are refused.
 UNSUPPORTED_ATTENTION = {
@@ -60,50 +65,8 @@ UNSUPPORTED_ATTENTION = {
 UNSUPPORTED_FFN = {"moe": None, "hidden_act": "silu", "gated": True}
 # Fields with no effect on the forward pass or on the weights.
 HARMLESS_KEYS = {"sparsify", "weights_precision"}
-
-
-class PlanError(ValueError):
-    """A config that cannot be planned. The message names the layer (0-based) where one is involved."""
-
-
-def ffn_mult_to_width(ffn_mult: float, hidden_size: int) -> int:
-    """The DeciLM rule: int(2*m*H/3) rounded up to a multiple of 256 (ffn_mult first rounded to 6 decimals)."""
-    width = int(2 * round(ffn_mult, 6) * hidden_size / 3)
-    return width if width % 256 == 0 else width + 256 - width % 256
-
-
-def width_to_ffn_mult(width: int, hidden_size: int) -> float | None:
-    """The shortest 6-decimal ffn_mult that reproduces `width` exactly, or None if none can."""
-    if width % 256:
-        return None  # the rule always yields a multiple of 256
-    exact = 3 * width / (2 * hidden_size)
-    for digits in range(0, 7):
-        for candidate in (round(exact, digits), round(exact + 10**-digits, digits)):
-            if candidate > 0 and ffn_mult_to_width(candidate, hidden_size) == width:
-                return candidate
-    return None
-
-
-@dataclass(frozen=True)
-class Attention:
-    kind: str  # GQA | LINEAR | NONE
-    num_kv_heads: int | None = None
-
-    def __post_init__(self):
-        assert self.kind in (GQA, LINEAR, NONE), self.kind
-        assert (self.kind == GQA) == (self.num_kv_heads is not None), self
-
-
-@dataclass(frozen=True)
-class FFN:
-    kind: str  # SWIGLU | LINEAR | NONE
-    width: int | None = None
-    # As stated by the source config (rounded to 6 decimals), else derived from the width when expressible.
-    ffn_mult: float | None = None
-
-    def __post_init__(self):
-        assert self.kind in (SWIGLU, LINEAR, NONE), self.kind
-        assert (self.kind == SWIGLU) == (self.width is not None), self
+RELEASED_DEFAULTS = {ATTENTION: RELEASED_ATTENTION_DEFAULTS, FFN_PART: RELEASED_FFN_DEFAULTS}
+UNSUPPORTED = {ATTENTION: UNSUPPORTED_ATTENTION, FFN_PART: UNSUPPORTED_FFN}
 
 
 @dataclass(frozen=True)
@@ -116,10 +79,13 @@ class LayerPlan:
     def is_dummy(self) -> bool:
         return self.attention.kind == NONE and self.ffn.kind == NONE
 
+    @property
+    def parts(self) -> tuple[Attention, FFN]:
+        return (self.attention, self.ffn)
+
     def describe(self) -> str:
-        a = {GQA: f"GQA kv={self.attention.num_kv_heads}", LINEAR: "linear", NONE: "-"}[self.attention.kind]
-        f = {SWIGLU: f"SwiGLU {self.ffn.width}", LINEAR: "linear", NONE: "-"}[self.ffn.kind]
-        return "dummy" if self.is_dummy else f"{a} | {f}"
+        return "dummy" if self.is_dummy else f"{self.attention.spec.describe(self.attention)} | " \
+                                              f"{self.ffn.spec.describe(self.ffn)}"
 
 
 @dataclass(frozen=True)
@@ -156,17 +122,23 @@ class ModelPlan:
     def qkv_rows(self, layer: LayerPlan) -> int:
         return (self.num_attention_heads + 2 * layer.attention.num_kv_heads) * self.head_dim
 
+    # ---- tensors -------------------------------------------------------------------------------------
+    def global_hf_tensors(self) -> dict[str, tuple[int, ...]]:
+        """The tensors outside the layers: embedding, final norm, and the output layer unless tied."""
+        out = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+               "model.norm.weight": (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return out
+
+    def layer_hf_tensors(self, layer: LayerPlan) -> dict[str, tuple[int, ...]]:
+        """{HF key: shape} of one layer (the union of its two sub-blocks' tensors)."""
+        return {t.format(i=layer.index): s for sub in layer.parts for t, s in sub.spec.hf_tensors(self, sub).items()}
+
     # ---- counting ------------------------------------------------------------------------------------
     def layer_parameters(self, layer: LayerPlan) -> dict[str, int]:
-        h, attn, ffn = self.hidden_size, 0, 0
-        if layer.attention.kind == GQA:  # norm + QKV + output projection
-            attn = h + self.qkv_rows(layer) * h + h * self.num_attention_heads * self.head_dim
-        elif layer.attention.kind == LINEAR:  # norm + H x H
-            attn = h + h * h
-        if layer.ffn.kind == SWIGLU:  # norm + gate, up, down
-            ffn = h + 3 * h * layer.ffn.width
-        elif layer.ffn.kind == LINEAR:
-            ffn = h + h * h
+        attn = layer.attention.spec.parameters(self, layer.attention)
+        ffn = layer.ffn.spec.parameters(self, layer.ffn)
         return {"attention": attn, "ffn": ffn, "total": attn + ffn}
 
     def embedding_parameters(self) -> int:
@@ -177,51 +149,40 @@ class ModelPlan:
         body = sum(self.layer_parameters(layer)["total"] for layer in self.layers) + self.hidden_size
         return body + (self.embedding_parameters() if include_embeddings else 0)
 
+    def layer_kv_cache_values(self, layer: LayerPlan) -> int:
+        """KV-cache values this layer stores per token."""
+        return sum(sub.spec.kv_cache_values_per_token(self, sub) for sub in layer.parts)
+
+    def layer_flops(self, layer: LayerPlan, context: int = 4096) -> int:
+        """Forward FLOPs per token of one layer, `context` the sequence length assumed for attention."""
+        return sum(sub.spec.flops_per_token(self, sub, context) for sub in layer.parts)
+
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        kv_heads = sum(l.attention.num_kv_heads for l in self.layers if l.attention.kind == GQA)
-        return 2 * kv_heads * self.head_dim * bytes_per_value
+        return sum(self.layer_kv_cache_values(layer) for layer in self.layers) * bytes_per_value
+
+    def kind_counts(self) -> dict[str, int]:
+        """Layers per kind, e.g. {"attention gqa": 49, "attention none": 31, ..., "dummy": 0}."""
+        out: dict[str, int] = {}
+        for part in (ATTENTION, FFN_PART):
+            for k in kinds(part):
+                out[f"{part} {k.name}"] = sum(getattr(l, part).kind == k.name for l in self.layers)
+        out["dummy"] = sum(l.is_dummy for l in self.layers)
+        return out
 
     # ---- regenerating configs ------------------------------------------------------------------------
     def hf_block_configs(self) -> list[dict]:
         """block_configs in the released form: every subblock key, ffn_mult for widths."""
         out = []
         for layer in self.layers:
-            attn = dict(RELEASED_ATTENTION_DEFAULTS)
-            attn["no_op"] = layer.attention.kind == NONE
-            attn["replace_with_linear"] = layer.attention.kind == LINEAR
-            if layer.attention.kind == GQA:
-                attn["n_heads_in_group"] = self.num_attention_heads // layer.attention.num_kv_heads
-            ffn = dict(RELEASED_FFN_DEFAULTS)
-            ffn["no_op"] = layer.ffn.kind == NONE
-            ffn["replace_with_linear"] = layer.ffn.kind == LINEAR
-            if layer.ffn.kind == SWIGLU:
-                mult = layer.ffn.ffn_mult or width_to_ffn_mult(layer.ffn.width, self.hidden_size)
-                if mult is not None and ffn_mult_to_width(mult, self.hidden_size) == layer.ffn.width:
-                    ffn["ffn_mult"] = mult
-                else:
-                    # Not expressible as ffn_mult (width not a multiple of 256): state it in the newer schema,
-                    # which our HF model and megatron-core both read.
-                    ffn["intermediate_size"] = layer.ffn.width
+            attn = dict(RELEASED_ATTENTION_DEFAULTS) | layer.attention.spec.released_fields(layer.attention, self)
+            ffn = dict(RELEASED_FFN_DEFAULTS) | layer.ffn.spec.released_fields(layer.ffn, self)
             out.append({"attention": attn, "ffn": ffn})
         return out
 
     def megatron_block_configs(self) -> list[dict]:
         """block_configs in megatron-core's native keys, so its parser never has to guess or pop."""
-        return [
-            {
-                "attention": {
-                    "no_op": l.attention.kind == NONE,
-                    "replace_with_linear": l.attention.kind == LINEAR,
-                    "num_query_groups": l.attention.num_kv_heads,
-                },
-                "mlp": {
-                    "no_op": l.ffn.kind == NONE,
-                    "replace_with_linear": l.ffn.kind == LINEAR,
-                    "ffn_hidden_size": l.ffn.width,
-                },
-            }
-            for l in self.layers
-        ]
+        return [{"attention": MEGATRON_DEFAULTS[ATTENTION] | l.attention.spec.megatron_fields(l.attention),
+                 "mlp": MEGATRON_DEFAULTS[FFN_PART] | l.ffn.spec.megatron_fields(l.ffn)} for l in self.layers]
 
     def hf_config(self) -> dict:
         """A complete DeciLM config.json (without auto_map, which the exporter adds with the code files)."""
@@ -392,8 +353,8 @@ class _Parser:
                 raise PlanError(f"layer {i}: parallel_blocks are not supported")
             attn_d = block.get("attention") or {}
             ffn_d = block.get("ffn") if block.get("ffn") is not None else (block.get("mlp") or {})
-            attention, n1 = self.parse_attention(i, attn_d, heads)
-            ffn, n2 = self.parse_ffn(i, ffn_d, hidden)
+            attention, n1 = self.parse_part(i, ATTENTION, attn_d, hidden, heads)
+            ffn, n2 = self.parse_part(i, FFN_PART, ffn_d, hidden, heads)
             newer |= n1 or n2
             layers.append(LayerPlan(i, attention, ffn))
         return layers, ("decilm-newer" if newer else "decilm")
@@ -411,43 +372,14 @@ class _Parser:
         if d.get("no_op") and d.get("replace_with_linear"):
             raise PlanError(f"layer {i}: {part} has both no_op and replace_with_linear set")
 
-    def parse_attention(self, i: int, d: dict, heads: int) -> tuple[Attention, bool]:
-        self.check_keys(i, "attention", d, set(RELEASED_ATTENTION_DEFAULTS) | NEWER_ATTENTION_KEYS,
-                        UNSUPPORTED_ATTENTION)
-        if d.get("no_op"):
-            return Attention(NONE), False
-        if d.get("replace_with_linear"):
-            return Attention(LINEAR), False
-        if d.get("num_key_value_heads") is not None:
-            kv = int(d["num_key_value_heads"])
-            if kv <= 0 or heads % kv:
-                raise PlanError(f"layer {i}: num_attention_heads {heads} is not divisible by {kv} KV heads")
-            return Attention(GQA, kv), True
-        group = d.get("n_heads_in_group")
-        if group is None:
-            raise PlanError(f"layer {i}: normal attention needs n_heads_in_group (or num_key_value_heads)")
-        group = int(group)
-        if group <= 0 or heads % group:
-            raise PlanError(f"layer {i}: num_attention_heads {heads} is not divisible by n_heads_in_group {group}")
-        return Attention(GQA, heads // group), False
-
-    def parse_ffn(self, i: int, d: dict, hidden: int) -> tuple[FFN, bool]:
-        self.check_keys(i, "ffn", d, set(RELEASED_FFN_DEFAULTS) | NEWER_FFN_KEYS, UNSUPPORTED_FFN)
-        if d.get("no_op"):
-            return FFN(NONE), False
-        if d.get("replace_with_linear"):
-            return FFN(LINEAR), False
-        if d.get("intermediate_size") is not None:
-            width = int(d["intermediate_size"])
-            if width <= 0:
-                raise PlanError(f"layer {i}: ffn.intermediate_size must be positive, got {width}")
-            return FFN(SWIGLU, width, width_to_ffn_mult(width, hidden)), True
-        if d.get("ffn_mult") is None:
-            raise PlanError(f"layer {i}: normal FFN needs ffn_mult (or intermediate_size)")
-        mult = round(float(d["ffn_mult"]), 6)
-        if mult <= 0:
-            raise PlanError(f"layer {i}: ffn_mult must be positive, got {mult}")
-        return FFN(SWIGLU, ffn_mult_to_width(mult, hidden), mult), False
+    def parse_part(self, i: int, part: str, d: dict, hidden: int, heads: int):
+        """The first registered kind of `part` that claims the sub-block dict parses it."""
+        known = set(RELEASED_DEFAULTS[part]).union(*(k.block_keys for k in kinds(part)))
+        self.check_keys(i, part, d, known, UNSUPPORTED[part])
+        for k in kinds(part):
+            if k.claims(d):
+                return k.parse(i, d, hidden, heads)
+        raise PlanError(f"layer {i}: no {part} kind matches {d!r}")
 
 
 def rope_theta(c: dict) -> float:
@@ -486,3 +418,7 @@ def parse_rope_scaling(rs: dict | None) -> dict | None:
         "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
         "rope_type": "llama3",
     }
+
+
+__all__ = ["Attention", "FFN", "GQA", "LINEAR", "NONE", "SWIGLU", "LayerPlan", "ModelPlan", "PlanError",
+           "ffn_mult_to_width", "width_to_ffn_mult", "load_config", "load_plan"]

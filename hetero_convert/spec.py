@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from .layout import PipelineSplit, padded_vocab_size, require_layout
 from .plan import GQA, SWIGLU, ModelPlan
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def te_available() -> bool:

@@ -3,7 +3,7 @@
 The HF side is the transformers model (our DeciLM, or transformers' own Llama for Llama checkpoints) run
 in this process; the Megatron side is megatron-core's GPTModel built from our spec at the requested TP/PP,
 loaded with `dist_checkpointing.load` and run forward-only (through megatron's pipeline schedule when PP > 1)
-in a torchrun job of TP*PP processes (`megatron_runtime`). Both see the same tokens; every position that is
+in a torchrun job of TP*PP processes (`megatron/`). Both see the same tokens; every position that is
 not padding is compared.
 
 When parity fails it says where: the per-layer outputs of both models (forward hooks, aligned by global
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .convert import iteration_dir, read_plan_from_megatron
+from .io.megatron_checkpoint import iteration_dir, read_plan as read_plan_from_megatron
 from .plan import ModelPlan, load_config, load_plan
 
 # Default thresholds, and why:
@@ -164,7 +163,7 @@ def hf_forward(hf_dir: Path, ids: torch.Tensor, mask: torch.Tensor, dtype: str, 
 def megatron_forward(cases: list[tuple[ModelPlan, Path]], ids: torch.Tensor, mask: torch.Tensor, tp: int, pp: int,
                      dtype: str, device: str, workdir: Path, hidden: bool = True, timeout: float = 900.0) -> list[dict]:
     """Run every (plan, checkpoint) of one layout in a single torchrun job; return rank 0's outputs."""
-    from .megatron_runtime import run_under_torchrun
+    from .launch import run_under_torchrun
 
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save({"input_ids": ids, "attention_mask": mask}, workdir / "inputs.pt")
@@ -181,13 +180,14 @@ def megatron_forward(cases: list[tuple[ModelPlan, Path]], ids: torch.Tensor, mas
         args.append("--hidden")
     if inside_torchrun():
         # Already one of TP*PP ranks (the user launched torchrun): run the worker in this process.
-        from . import _mcore_worker
+        from .launch import world
+        from .megatron import worker
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world != tp * pp:
-            raise ValueError(f"launched with {world} processes, but TP*PP = {tp * pp}")
-        _mcore_worker.main(args)
-        if int(os.environ.get("RANK", "0")) != 0:
+        size = world().size
+        if size != tp * pp:
+            raise ValueError(f"launched with {size} processes, but TP*PP = {tp * pp}")
+        worker.main(args)
+        if not world().coordinator:
             return []
     else:
         run_under_torchrun(args, nproc=tp * pp, timeout=timeout, log_file=workdir / "megatron.log")
@@ -323,7 +323,9 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         plans.append(meg_plan)
     vocab = min(p.vocab_size for p in plans)
     ids, mask = make_inputs(Path(pairs[0][0]), vocab, prompts, batch, seq_len, seed)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    from .launch import world
+
+    rank0 = world().coordinator
     # HF first, then Megatron: on one GPU the two models never need memory at the same time.
     hf_out = [hf_forward(Path(h), ids, mask, dtype, device) for h, _ in pairs] if rank0 else []
     # bf16 is judged against the fp32 HF model (see DEFAULT_THRESHOLDS): its logits, no hidden states.
@@ -383,4 +385,6 @@ def print_report(r: ParityReport, console, show_layers: bool = False) -> None:
 
 
 def inside_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    from .launch import world
+
+    return world().launched

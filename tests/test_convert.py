@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetero_convert.convert import (
-    ConversionError, ITERATION_DIR, hf_to_megatron, megatron_to_hf, split_to_hf,
-)
+from hetero_convert.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from hetero_convert.demo import compare_checkpoints
 from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.io.hf_reader import CheckpointError, HFCheckpoint
+from hetero_convert.io.megatron_checkpoint import ITERATION_DIR
 from hetero_convert.layout import LayoutError
 from hetero_convert.mappings import bind
 from hetero_convert.plan import load_plan
@@ -41,7 +40,7 @@ def test_segments_are_a_bijection_on_rows(sources, name):
         full = torch.cat([hf[s.source][s.start:s.start + s.rows] if s.source is not None
                           else torch.zeros((s.rows,) + tuple(m.shape[1:])) for s in m.segments])
         assert tuple(full.shape) == m.shape
-        for a, b in zip(hf, split_to_hf(m, full)):
+        for a, b in zip(hf, m.to_hf(full)):
             assert torch.equal(a, b), m.megatron
 
 
@@ -290,10 +289,10 @@ def test_existing_output_needs_overwrite(sources, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
-    import hetero_convert.convert as conv
+    from hetero_convert.mappings import TensorMapping
 
     calls = {"n": 0}
-    real = conv.read_chunk
+    real = TensorMapping.read_chunk
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -301,7 +300,7 @@ def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
             raise OSError("disk vanished")
         return real(*a, **k)
 
-    monkeypatch.setattr(conv, "read_chunk", flaky)
+    monkeypatch.setattr(TensorMapping, "read_chunk", flaky)
     with pytest.raises(ConversionError, match="disk vanished"):
         hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg", tp=2, workers=2)
     assert_nothing_written(tmp_path)

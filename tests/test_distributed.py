@@ -17,7 +17,8 @@ import torch
 
 from hetero_convert.convert import hf_to_megatron, megatron_to_hf
 from hetero_convert.demo import compare_checkpoints
-from hetero_convert.distributed import FAIL_RANK_ENV, assign_megatron, balance, plan_conversion
+from hetero_convert.convert.assign import assign_megatron, plan_conversion
+from hetero_convert.packing import balance
 from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.mappings import expected_hf_keys
@@ -26,11 +27,15 @@ from hetero_convert.plan import load_plan
 SUPER_49B = Path(__file__).resolve().parents[1] / "fixtures" / "released" / "Llama-3_3-Nemotron-Super-49B-v1.json"
 
 
-def torchrun(nproc: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+TESTS = Path(__file__).resolve().parent
+
+
+def torchrun(nproc: int, *args, env: dict | None = None, module: str = "hetero_convert.cli") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "hetero_convert.cli", *map(str, args)]
+           "-m", module, *map(str, args)]
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,7 @@ def test_a_failed_rank_fails_the_job_and_leaves_nothing(sources, tmp_path, direc
     else:
         hf_to_megatron(src, tmp_path / "meg", tp=2)
         args = ["megatron-to-hf", tmp_path / "meg", tmp_path / "out", "--max-shard-size", "300KB"]
-    r = torchrun(2, *args, env={FAIL_RANK_ENV: str(fail_rank)})
+    r = torchrun(2, *args, env={"FAIL_RANK": str(fail_rank)}, module="failing_cli")
     assert r.returncode != 0
     msg = " ".join(r.stderr.split())  # rich wraps long lines
     expect = (f"rank {fail_rank} of 2 failed while converting its share: RuntimeError: injected failure on "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetero_convert.convert import ErrorSink, check_finite
+from hetero_convert.convert.common import ErrorSink, check_finite
 from hetero_convert.io import checksums
 from hetero_convert.io.checksums import FileHashes, sha256_file
 from hetero_convert.io.safetensors_writer import StreamingSafetensorsWriter

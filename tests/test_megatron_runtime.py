@@ -1,4 +1,4 @@
-"""megatron_runtime: megatron-core's own GPTModel, loaded at every (TP, PP) from a checkpoint megatron saved.
+"""hetero_convert.megatron: megatron-core's own GPTModel, loaded at every (TP, PP) from a checkpoint megatron saved.
 
 No converter is involved: one torchrun launch at TP1/PP1 builds a seeded random model with megatron,
 saves it with `dist_checkpointing.save` and evaluates it; three more launches load the same directories at
@@ -13,11 +13,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from hetero_convert import megatron_runtime as rt
+from hetero_convert.launch import PACKAGE_ROOT, run_under_torchrun
+from hetero_convert.megatron.model import _masks
 from hetero_convert.layout import check_layout
 from hetero_convert.plan import GQA, LINEAR, NONE, SWIGLU, load_plan
 
@@ -26,6 +28,7 @@ VARIANTS = ["untied", "tied"]
 SEQ, PAD_FROM = 24, 15  # row 1 of the batch holds PAD_FROM real tokens, then right padding
 REL_TOL = 1e-5
 LAUNCH_TIMEOUT = 240
+TESTS = str(Path(__file__).resolve().parent)
 
 
 def tiny_config(tied: bool) -> dict:
@@ -86,10 +89,13 @@ def runs(tmp_path_factory):
         outs = [str(root / f"out_{v}_tp{tp}_pp{pp}.pt") for v in VARIANTS]
         args = ["--plan-json", *plan_files, "--ckpt", *ckpts, "--out", *outs, "--tp", tp, "--pp", pp,
                 "--dtype", "fp32", "--device", "cpu", "--input-ids", root / "inputs.pt", "--hidden"]
+        module = "hetero_convert.megatron.worker"
         if (tp, pp) == (1, 1):
             # std 0.08 rather than megatron's 0.02: attention far from uniform, so RoPE and masks matter.
             args += ["--save-random", "1234", "--init-std", "0.08"]
-        rt.run_under_torchrun(args, nproc=tp * pp, timeout=LAUNCH_TIMEOUT, log_file=root / f"tp{tp}_pp{pp}.log")
+            module = "megatron_saver"
+        run_under_torchrun(args, nproc=tp * pp, timeout=LAUNCH_TIMEOUT, log_file=root / f"tp{tp}_pp{pp}.log",
+                           module=module, extra_path=[TESTS])
         results[(tp, pp)] = {v: torch.load(o, weights_only=True) for v, o in zip(VARIANTS, outs)}
     return {"results": results, "ckpts": dict(zip(VARIANTS, ckpts)), "root": root, "plans": plan_files}
 
@@ -193,34 +199,45 @@ def test_missing_tensor_fails_the_load(runs, tmp_path):
     args = ["--plan-json", runs["plans"][0], "--ckpt", runs["ckpts"]["tied"], "--out", tmp_path / "x.pt",
             "--input-ids", root / "inputs.pt"]
     with pytest.raises(RuntimeError) as e:
-        rt.run_under_torchrun(args, nproc=1, timeout=LAUNCH_TIMEOUT, log_file=tmp_path / "fail.log")
+        run_under_torchrun(args, nproc=1, timeout=LAUNCH_TIMEOUT, log_file=tmp_path / "fail.log")
     assert "output_layer.weight" in str(e.value)
     assert not (tmp_path / "x.pt").exists()
 
 
 def test_single_process_without_torchrun_and_idempotent_patches(runs, tmp_path):
     """init_parallel(1, 1) works in a plain process (in-memory store), the patches apply once however often
-    they are called, and the result equals the torchrun one. A subprocess, so the patches do not leak into
-    the pytest process."""
+    they are nested, are undone when the block ends, and the result equals the torchrun one. A subprocess,
+    so nothing can leak into the pytest process."""
     script = textwrap.dedent(f"""
         import torch
-        from hetero_convert import megatron_runtime as rt
-        from hetero_convert._mcore_worker import read_plan, read_inputs
+        from hetero_convert.megatron import cpu, model as mcore, parallel
+        from hetero_convert.megatron.worker import read_plan, read_inputs
         from megatron.core.pipeline_parallel import schedules
-        rt.apply_cpu_patches(); rt.apply_cpu_patches()
-        rt.init_parallel(1, 1, "cpu")
-        rt.apply_cpu_patches()
-        assert isinstance(schedules.torch, rt._CpuTorchForSchedules)
-        assert not isinstance(schedules.torch._real, rt._CpuTorchForSchedules)
-        assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
-        plan = read_plan({runs["plans"][0]!r})
-        model = rt.build_model(plan, 1, 1, "fp32", "cpu")
-        rt.load_checkpoint(model, {runs["ckpts"]["untied"]!r})
-        ids, mask = read_inputs({str(runs["root"] / "inputs.pt")!r})
-        torch.save(rt.forward_logits(model, ids, mask, plan=plan), {str(tmp_path / "single.pt")!r})
-        rt.destroy_parallel()
+        real_current_device, real_schedules_torch = torch.cuda.current_device, schedules.torch
+        with cpu.cpu_patches(), cpu.cpu_patches():
+            parallel.init_parallel(1, 1, "cpu")
+            with cpu.cpu_patches():
+                assert isinstance(schedules.torch, cpu._CpuTorchForSchedules)
+                assert not isinstance(schedules.torch._real, cpu._CpuTorchForSchedules)
+            assert isinstance(schedules.torch, cpu._CpuTorchForSchedules)
+            assert schedules.torch.zeros([], device="cuda").device.type == "cpu"
+            plan = read_plan({runs["plans"][0]!r})
+            model = mcore.build_model(plan, 1, 1, "fp32", "cpu")
+            mcore.load_checkpoint(model, {runs["ckpts"]["untied"]!r})
+            ids, mask = read_inputs({str(runs["root"] / "inputs.pt")!r})
+            torch.save(mcore.forward_logits(model, ids, mask, plan=plan), {str(tmp_path / "single.pt")!r})
+            parallel.destroy_parallel()
+        assert torch.cuda.current_device is real_current_device and schedules.torch is real_schedules_torch
+        try:
+            parallel.init_parallel(1, 1, "cpu")
+        except RuntimeError as e:
+            assert "cpu_patches" in str(e)
+        else:
+            raise AssertionError("init_parallel on CPU ran without the patches")
     """)
-    env = {**__import__("os").environ, "PYTHONPATH": rt._PACKAGE_ROOT}
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, stdin=subprocess.DEVNULL,
                           stdout=open(tmp_path / "single.log", "w"), stderr=subprocess.STDOUT, timeout=240)
     assert proc.returncode == 0, (tmp_path / "single.log").read_text()[-4000:]
@@ -231,11 +248,11 @@ def test_single_process_without_torchrun_and_idempotent_patches(runs, tmp_path):
 def test_masks_reject_left_padding():
     ids = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="right-padded"):
-        rt._masks(ids, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]), torch.device("cpu"))
+        _masks(ids, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]), torch.device("cpu"))
     with pytest.raises(ValueError, match="no tokens"):
-        rt._masks(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), torch.device("cpu"))
+        _masks(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), torch.device("cpu"))
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, -100, -100]])
-    out_ids, pos, mask = rt._masks(ids, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), torch.device("cpu"))
+    out_ids, pos, mask = _masks(ids, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), torch.device("cpu"))
     assert out_ids.tolist() == [[5, 6, 7, 8], [5, 6, 0, 0]]
     assert pos.tolist() == [[0, 1, 2, 3]] * 2
     assert mask.shape == (2, 1, 4, 4) and mask.dtype == torch.bool

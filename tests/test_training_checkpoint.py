@@ -5,10 +5,11 @@ ours). The converted HF model must reproduce megatron's own logits for that chec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from hetero_convert import megatron_runtime as rt
+from hetero_convert.launch import run_under_torchrun
 from hetero_convert.convert import megatron_to_hf
 from hetero_convert.hf import DeciLMForCausalLM
 from hetero_convert.io.dcp import DCPReader
@@ -25,11 +26,12 @@ def test_training_run_checkpoint_to_hf_reproduces_megatron_logits(tmp_path):
     ids = torch.randint(0, plan.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
     torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "inputs.pt")
     ckpt = tmp_path / "iter_0000100"
-    rt.run_under_torchrun(
+    run_under_torchrun(
         ["--plan-json", tmp_path / "plan.json", "--ckpt", ckpt, "--out", tmp_path / "megatron.pt", "--tp", 2,
          "--pp", 2, "--dtype", "fp32", "--device", "cpu", "--input-ids", tmp_path / "inputs.pt",
          "--save-random", 11, "--init-std", "0.08", "--training-args"],
-        nproc=4, timeout=300, log_file=tmp_path / "save.log")
+        nproc=4, timeout=300, log_file=tmp_path / "save.log", module="megatron_saver",
+        extra_path=[str(Path(__file__).resolve().parent)])
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("100")
 
     # What megatron wrote: its own file per rank, tensors in TP chunks, none of our metadata.

@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
+from ..packing import balance
+
 
 def tensor_item(key: str, global_shape, offsets, sizes, dtype: torch.dtype) -> WriteItem:
     return WriteItem(
@@ -96,16 +98,9 @@ def _item_bytes(item: WriteItem) -> int:
 
 
 def split_by_bytes(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Largest-first into the lightest bin; item order inside a bin follows the model order."""
+    """Largest-first into the lightest bin; item order inside a bin follows the model order. No empty bins."""
     bins = max(1, min(bins, len(items)))
-    order = {id(it): k for k, it in enumerate(items)}
-    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
-    sizes = [0] * bins
-    for it in sorted(items, key=_item_bytes, reverse=True):
-        b = sizes.index(min(sizes))
-        buckets[b].append(it)
-        sizes[b] += _item_bytes(it)
-    return [sorted(b, key=lambda it: order[id(it)]) for b in buckets if b]
+    return [[items[i] for i in b] for b in balance([_item_bytes(it) for it in items], bins) if b]
 
 
 class ByteBudget:
@@ -344,6 +339,3 @@ class DCPReader:
                              f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}, "
                              f".metadata says {md.properties.dtype} {list(md.size)}")
         return t
-
-    def data_files(self) -> list[Path]:
-        return sorted(self.path.glob("*.distcp"))

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as it claims to be."""
 
 
 def shard_files(directory: str | Path) -> tuple[dict[str, str] | None, list[str]]:

@@ -19,14 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import SAFETENSORS
 from .hf_index import CheckpointError, shard_files
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_DTYPES = SAFETENSORS
 
 
 @dataclass(frozen=True)
@@ -123,6 +119,9 @@ class HFCheckpoint:
         if path not in fds:
             fds[path] = os.open(path, os.O_RDONLY)
         return fds[path]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .hf_reader import DTYPE_NAMES
+from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
 
 
 class StreamingSafetensorsWriter:
@@ -84,19 +84,3 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         os.close(self.fd)
-
-
-def pack_in_order(items: list, size_of, max_bytes: int) -> list[list]:
-    """Consecutive items into groups of at most max_bytes (an item bigger than that gets a group of its own),
-    in order, as save_pretrained fills shards."""
-    groups, cur, size = [], [], 0
-    for item in items:
-        n = size_of(item)
-        if cur and size + n > max_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(item)
-        size += n
-    if cur:
-        groups.append(cur)
-    return groups

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..spec import DTYPES
+from ..dtypes import SHORT as DTYPES
+from ..errors import PruneError
 from .candidates import Recipe
 from .export import REPORT_FILE, export_checkpoint
 from .parent import Calibration, ParentModel, calibrate, calibration_ids
@@ -27,10 +28,6 @@ from .search import TARGETS, InfeasibleBudget, layer_cost, model_cost, select, s
 
 # What a previous prune run leaves in OUT; anything else there needs --overwrite.
 OWN_FILES = {SCORES_FILE, REPORT_FILE}
-
-
-class PruneError(ValueError):
-    pass
 
 
 COMPUTE_DTYPES = {k: DTYPES[k] for k in ("fp32", "bf16")}

@@ -15,17 +15,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..convert import staged_output, write_hf_metadata
-from ..mappings import bind
+from ..io.hf_checkpoint import ShardedWriter, copy_tokenizer, has_tokenizer, write_config, write_generation_config
+from ..io.staging import Staging
 from ..plan import LayerPlan, ModelPlan, load_plan
 from .candidates import LayerStats, Recipe, collect_stats, layer_tensors
 from .parent import Calibration, ParentModel
 from .scoring import SCORES_FILE
 
 REPORT_FILE = "pruning_report.json"
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def needs_stats(parent_layer: LayerPlan, layer: LayerPlan) -> bool:
@@ -44,41 +42,44 @@ def export_checkpoint(parent: ParentModel, calib: Calibration | None, plan: Mode
     out_dir = Path(out_dir)
     plan = dataclasses.replace(plan, source_format="decilm")  # always written as DeciLM, with remote code
     dtype = parent.checkpoint_dtype
-    expected = {k for m in bind(plan) for k in m.hf}
-    written: dict[str, str] = {}
     old_scores = out_dir / SCORES_FILE
     carried_scores = old_scores.read_text() if old_scores.is_file() else None
-    with staged_output(out_dir, overwrite) as tmp:
-        shards = [i for i, l in enumerate(plan.layers) if not l.is_dummy]
-        total = len(shards) + 1
-        names = [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)]
-        for k, i in enumerate(shards):
-            base, layer = parent.plan.layers[i], plan.layers[i]
-            stats = None
-            if needs_stats(base, layer):
-                if calib is None:
-                    raise ValueError(f"layer {i}: {layer.describe()} is fitted on calibration data; none given")
-                stats = _stats(parent, calib, i, recipe)
-            tensors = layer_tensors(parent.plan, base, layer, parent.layer_tensors(i), stats, recipe)
-            named = {f"model.layers.{i}.{n}": t.to(dtype).contiguous() for n, t in tensors.items()}
-            save_file(named, str(tmp / names[k]), metadata={"format": "pt"})
-            written.update({n: names[k] for n in named})
-            if progress:
-                progress("export", k + 1, total)
-        globals_ = {"model.embed_tokens.weight": parent.embed, "model.norm.weight": parent.ckpt.read("model.norm.weight")}
-        if not plan.tie_word_embeddings:
-            globals_["lm_head.weight"] = parent.ckpt.read("lm_head.weight")
-        save_file({n: t.to(dtype).contiguous() for n, t in globals_.items()}, str(tmp / names[-1]),
-                  metadata={"format": "pt"})
-        written.update({n: names[-1] for n in globals_})
-        if set(written) != expected:  # the converter's own table of what a checkpoint of this plan holds
-            raise AssertionError(f"exported keys differ from the plan: missing {sorted(expected - set(written))[:5]}, "
-                                 f"extra {sorted(set(written) - expected)[:5]}")
-        size = sum((tmp / n).stat().st_size for n in names)
-        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(written.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        tokenizer_from = parent.dir if any((parent.dir / f).is_file() for f in TOKENIZER_MARKERS) else None
-        write_hf_metadata(tmp, plan, dtype, tokenizer_from)
+    with Staging(out_dir, overwrite) as stage:
+        tmp = stage.begin()
+        # One shard per layer that has tensors, then the embedding, final norm and output layer: the export
+        # holds one layer in memory, and every shard's layout is known from the plan before it is written.
+        by_layer = [[(k, dtype, s) for k, s in plan.layer_hf_tensors(l).items()] for l in plan.layers if not l.is_dummy]
+        shards = [u for u in by_layer if u] + [[(k, dtype, s) for k, s in plan.global_hf_tensors().items()]]
+        writer = ShardedWriter(tmp, shards)
+        try:
+            layers = [i for i, l in enumerate(plan.layers) if not l.is_dummy]
+            total = len(layers) + 1
+            for k, i in enumerate(layers):
+                base, layer = parent.plan.layers[i], plan.layers[i]
+                stats = None
+                if needs_stats(base, layer):
+                    if calib is None:
+                        raise ValueError(f"layer {i}: {layer.describe()} is fitted on calibration data; none given")
+                    stats = _stats(parent, calib, i, recipe)
+                tensors = layer_tensors(parent.plan, base, layer, parent.layer_tensors(i), stats, recipe)
+                for n, t in tensors.items():
+                    writer.write(f"model.layers.{i}.{n}", t.to(dtype).contiguous())
+                if progress:
+                    progress("export", k + 1, total)
+            writer.write("model.embed_tokens.weight", parent.embed.to(dtype).contiguous())
+            writer.write("model.norm.weight", parent.ckpt.read("model.norm.weight").to(dtype))
+            if not plan.tie_word_embeddings:
+                writer.write("lm_head.weight", parent.ckpt.read("lm_head.weight").to(dtype))
+            writer.close()  # fails unless every tensor the plan implies was written: nothing missing or extra
+        except BaseException:
+            writer.abort()
+            raise
+        writer.write_index()
+        tokenizer_from = parent.dir if has_tokenizer(parent.dir) else None
+        write_config(tmp, plan, dtype)
+        write_generation_config(tmp, plan)
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, tmp)
         if (parent.dir / "generation_config.json").is_file():
             shutil.copy2(parent.dir / "generation_config.json", tmp / "generation_config.json")
         if carried_scores is not None:
@@ -89,6 +90,7 @@ def export_checkpoint(parent: ParentModel, calib: Calibration | None, plan: Mode
         reread = load_plan(tmp)
         if reread.layers != _normalised(plan).layers:
             raise AssertionError("the written config does not reproduce the chosen plan")
+        stage.commit()
     return out_dir
 
 

@@ -1,0 +1,337 @@
+"""The `hetero-convert` command line: each command parses its options, calls the library, and renders.
+
+Heavy imports (torch, megatron-core, transformers) happen inside the commands that need them, so that
+`inspect` answers on a full-size config in well under a second. Refusals (`HeteroConvertError`) are printed as
+one line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import HeteroConvertError, JobFailed
+from ..launch import world
+from .render import console, err, print_inspect, print_plan_conversion, print_prune_report, \
+    print_spec, print_summary
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core.")
+
+
+def fail(msg: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def fail_job(e: Exception):
+    """Every process of a failed distributed job raises the same error: the coordinator alone prints it."""
+    if isinstance(e, JobFailed) and not world().coordinator:
+        raise typer.Exit(1)
+    fail(str(e))
+
+
+# ---- inspect / spec -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to check"),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size to check"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
+):
+    """Per-layer table, parameter and KV-cache counts, and whether a TP/PP layout is possible."""
+    from ..describe import describe_path
+
+    try:
+        d = describe_path(path, tp, pp)
+    except HeteroConvertError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(d, indent=1))
+    else:
+        print_inspect(d, path)
+    if not d["layout"]["ok"]:
+        raise typer.Exit(2)
+
+
+@app.command()
+def spec(
+    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size the specs are built for"),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size the specs are built for"),
+    te: bool = typer.Option(False, "--te/--local", help="Transformer Engine spec, or megatron-core's local spec"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+):
+    """The per-layer Megatron module classes, built by megatron-core itself (no weights allocated)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from ..plan import load_plan
+    from ..spec import spec_table, te_available
+
+    if te and not te_available():
+        fail("--te needs transformer-engine, which is not importable here (use --local)")
+    try:
+        rows = spec_table(load_plan(path), tp, pp, use_te=te)
+    except HeteroConvertError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_spec(rows, tp, pp, te)
+
+
+# ---- conversion ---------------------------------------------------------------------------------------------
+
+DISTRIBUTED_HELP = ("Split the work over the processes of a torchrun job (default: when torchrun started more "
+                    "than one); output on a filesystem every process sees")
+
+
+@app.command("hf-to-megatron")
+def hf_to_megatron_cmd(
+    hf_dir: Path = typer.Argument(..., help="HF checkpoint directory (config.json + safetensors)"),
+    out_dir: Path = typer.Argument(..., help="Megatron checkpoint directory to create"),
+    tp: int = typer.Option(1, "--tp", help="Chunk the data as a run at this tensor-parallel size would"),
+    pp: int = typer.Option(1, "--pp", help="... and at this pipeline-parallel size"),
+    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+):
+    """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
+    from ..io.checksums import FileHashes
+    from ..io.hf_index import shard_files
+
+    env = world()
+    # Hash the source (and so read it from disk) while torch and DCP are being imported: that start-up takes
+    # ~1.7 s on one core. Under torchrun each process hashes its own share instead (convert/driver.py).
+    single = not distributed and env.size == 1
+    try:
+        names = shard_files(hf_dir)[1] if single else []
+    except HeteroConvertError:
+        names = []  # reported, with the rest of the checks, by the converter
+    hashes = FileHashes(hf_dir / n for n in names)
+    from ..convert import hf_to_megatron
+    from ..io.hf_reader import HFCheckpoint
+    from .process import settle_process_for_streaming
+    from .progress import Progress
+
+    settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    try:
+        total = HFCheckpoint(hf_dir).total_bytes()
+        # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
+        with Progress(total, "hf-to-megatron", not as_json and env.size == 1) as prog:
+            s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
+                               strict=strict, checksums=hashes if single else True, progress=prog,
+                               distributed=distributed)
+    except HeteroConvertError as e:
+        hashes.close()
+        fail_job(e)
+    if env.coordinator:
+        print_summary(s, as_json)
+
+
+@app.command("megatron-to-hf")
+def megatron_to_hf_cmd(
+    megatron_dir: Path = typer.Argument(..., help="Megatron torch_dist checkpoint (root or iteration folder)"),
+    out_dir: Path = typer.Argument(..., help="HF checkpoint directory to create"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB"),
+    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from here"),
+    workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+):
+    """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF checkpoint, streaming."""
+    from ..convert import megatron_to_hf
+    from .process import settle_process_for_streaming
+    from .progress import Progress
+
+    env = world()
+    settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    try:
+        with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
+            s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+                               tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
+                               progress=prog, distributed=distributed)
+    except (HeteroConvertError, FileNotFoundError) as e:
+        fail_job(e)
+    if env.coordinator:
+        print_summary(s, as_json)
+
+
+# ---- verify -------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    hf: Path = typer.Option(..., "--hf", help="HF checkpoint directory (the reference)"),
+    megatron: Path = typer.Option(..., "--megatron", help="Megatron torch_dist checkpoint to check"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    device: str = typer.Option("cpu", "--device", help="cuda | cpu (megatron-core on CPU with gloo)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (uses the tokenizer)"),
+    batch: int = typer.Option(2, "--batch", help="Random prompts: batch size (rows of different lengths)"),
+    seq_len: int = typer.Option(32, "--seq-len", help="Random prompts: longest row"),
+    seed: int = typer.Option(0, "--seed"),
+    max_rel_diff: Optional[float] = typer.Option(None, "--max-rel-diff", help="Override: max |diff| / max |logit|"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Override: minimum top-1 agreement"),
+    max_mean_kl: Optional[float] = typer.Option(None, "--max-mean-kl", help="Override: maximum mean KL"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Scratch folder (needed when run under torchrun)"),
+    layers: bool = typer.Option(False, "--layers", help="Always print the per-layer table"),
+):
+    """Compare the logits of the HF model and the real Megatron model at every position; exit 1 on failure."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from ..verify import print_report, verify as run_verify
+
+    overrides = {k: v for k, v in (("max_rel_diff", max_rel_diff), ("min_top1", min_top1),
+                                   ("max_mean_kl", max_mean_kl)) if v is not None}
+    env = world()
+    if workdir is None and env.launched:
+        import tempfile
+
+        workdir = Path(tempfile.gettempdir()) / f"hetero-convert-verify-{env.run_id}"
+    try:
+        report = run_verify(hf, megatron, tp=tp, pp=pp, device=device, dtype=dtype, prompts=prompts, batch=batch,
+                            seq_len=seq_len, seed=seed, thresholds=overrides, workdir=workdir)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(str(e))
+    if report is None:  # a non-zero rank under the user's torchrun
+        return
+    print_report(report, console, show_layers=layers)
+    if json_out:
+        json_out.write_text(json.dumps(report.as_dict(), indent=1))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+# ---- demo ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write (default: a temporary folder)"),
+    tp: int = typer.Option(2, "--tp"),
+    pp: int = typer.Option(2, "--pp"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Also compare HF and Megatron logits on CPU"),
+):
+    """Build the bundled tiny heterogeneous checkpoint, convert it to Megatron and back, check it is exact."""
+    import tempfile
+
+    from ..demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console, verify)
+    raise typer.Exit(0 if ok else 1)
+
+# ---- plan-convert -------------------------------------------------------------------------------------------
+
+
+@app.command("plan-convert")
+def plan_convert(
+    path: Path = typer.Argument(..., help="A config.json or HF checkpoint directory (no weights needed)"),
+    ranks: int = typer.Option(..., "--ranks", help="Processes of the torchrun job (nodes x processes per node)"),
+    tp: int = typer.Option(1, "--tp", help="Megatron tensor-parallel size"),
+    pp: int = typer.Option(1, "--pp", help="Megatron pipeline-parallel size (hf-to-megatron)"),
+    direction: str = typer.Option("hf-to-megatron", "--direction", help="hf-to-megatron | megatron-to-hf"),
+    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep | bf16 | fp16 | fp32"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="HF shard size (megatron-to-hf)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+):
+    """Which process of a distributed conversion does what, and the bytes each reads and writes."""
+    from ..convert import plan_conversion
+
+    try:
+        d = plan_conversion(path, ranks, tp=tp, pp=pp, direction=direction, dtype=dtype,
+                            max_shard_size=max_shard_size)
+    except HeteroConvertError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(d, indent=1))
+    else:
+        print_plan_conversion(d)
+
+
+# ---- prune --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def prune(
+    src: Path = typer.Argument(..., help="HF Llama or DeciLM checkpoint to prune"),
+    out: Path = typer.Argument(..., help="Directory for the pruned DeciLM checkpoint (and prune_scores.json)"),
+    calib: Path = typer.Option(..., "--calib", help="Calibration text file (plain text)"),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens the statistics are measured on"),
+    score_tokens: int = typer.Option(4096, "--score-tokens", help="Of those, tokens each variant is scored on"),
+    seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length"),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Fraction of non-embedding params"),
+    target_kv_cache: Optional[float] = typer.Option(None, "--target-kv-cache", help="Fraction of KV-cache bytes/token"),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Fraction of FLOPs/token"),
+    flops_context: int = typer.Option(4096, "--flops-context", help="Sequence length assumed by --target-flops"),
+    ffn_widths: Optional[str] = typer.Option(None, "--ffn-widths", help="Comma-separated FFN widths to try "
+                                             "(multiples of 256; default: the format's widths, at most 8)"),
+    reuse_scores: bool = typer.Option(False, "--reuse-scores", help="Search again with OUT/prune_scores.json"),
+    scores_from: Optional[Path] = typer.Option(None, "--scores-from", help="Reuse scores from this file"),
+    megatron: Optional[Path] = typer.Option(None, "--megatron", help="Also write a Megatron checkpoint here"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
+                                                help="fp32 | bf16 for the scoring forwards (default: fp32 on "
+                                                     "cpu, bf16 on cuda)"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Calibration sequences per forward"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+):
+    """Prune into a smaller heterogeneous DeciLM model: per-layer variants scored by KL, exact knapsack search."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from ..prune import PruneError, PruneOptions
+
+    targets = {k: v for k, v in (("params", target_params), ("kv_cache", target_kv_cache),
+                                 ("flops", target_flops)) if v is not None}
+    if len(targets) != 1:
+        fail("give exactly one of --target-params, --target-kv-cache, --target-flops")
+    (target, fraction), = targets.items()
+    if not 0 < fraction:
+        fail("the target must be a positive fraction")
+    if not calib.is_file():
+        fail(f"--calib {calib}: no such file")
+    try:
+        widths = [int(w) for w in ffn_widths.split(",")] if ffn_widths else None
+    except ValueError:
+        fail(f"--ffn-widths {ffn_widths!r}: expected comma-separated integers")
+    options = PruneOptions(calib_tokens=calib_tokens, score_tokens=score_tokens, seq_len=seq_len,
+                           batch_size=batch_size, device=device, compute_dtype=compute_dtype, ffn_widths=widths,
+                           flops_context=flops_context)
+    try:
+        from .progress import StepProgress
+
+        with StepProgress(not as_json) as progress:
+            from ..prune import prune as run_prune
+
+            report = run_prune(src, out, calib.read_text(encoding="utf-8", errors="replace"), target=target,
+                               fraction=fraction, options=options, reuse_scores=reuse_scores,
+                               scores_from=scores_from, megatron=megatron, tp=tp, pp=pp, overwrite=overwrite,
+                               progress=progress)
+    except (HeteroConvertError, PruneError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    print_prune_report(report, out)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,70 @@
+"""Progress display on a terminal (stderr); silent when stderr is not one, so logs and pipes stay clean."""
+
+from __future__ import annotations
+
+import sys
+
+from .render import err
+
+
+class Progress:
+    """A bytes/s progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        if self.enabled:
+            from rich.progress import (BarColumn, DownloadColumn, Progress as P, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.p = P("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+            self.task = self.p.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.enabled:
+            self.p.start()
+        return self
+
+    def set_total(self, total: int) -> None:
+        if self.enabled:
+            self.p.update(self.task, total=total)
+
+    def __call__(self, n: int):
+        if self.enabled:
+            self.p.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.stop()
+
+
+
+
+class StepProgress:
+    """A bar per step ("parent pass", "layer 3", "export") on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.tasks: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as P, TimeElapsedColumn
+
+            self.p = P("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=err, transient=True)
+            self.p.start()
+        return self
+
+    def __call__(self, desc: str, done: int, total: int):
+        if not self.enabled:
+            return
+        if desc not in self.tasks:
+            self.tasks[desc] = self.p.add_task(desc, total=total)
+        self.p.update(self.tasks[desc], completed=done)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.stop()
+
+

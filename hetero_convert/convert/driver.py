@@ -1,0 +1,227 @@
+"""The one conversion driver: both directions run over the processes of a torch.distributed job, and a
+single process is a job of one.
+
+Every process builds the same job (config, plan, checks: headers only, cheap) and computes the same assignment
+(assign.py); each then reads its own share of the source and writes its own data files into one staging
+directory that all processes see (a shared filesystem when the job spans nodes). The coordinator (rank 0)
+creates that directory and, once every process has reported, writes the metadata and renames it into place.
+
+Failure: after each phase every process contributes (error or None, result) to an all_gather, so all of them
+learn together whether any failed; then the coordinator deletes the staging directory, all meet at a barrier
+(so no one exits, and torchrun kills no one, before the deletion) and each raises the same `JobFailed` naming
+the failed rank. A process killed outright (OOM, signal) breaks the collective instead; torchrun then stops
+the others, and the coordinator's SIGTERM handler still deletes the staging directory.
+HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of a huge model takes hours).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..errors import JobFailed
+from ..io.checksums import FileHashes
+from ..io.dcp import finish_metadata, write_checkpoint
+from ..io.megatron_checkpoint import ITERATION_DIR
+from ..io.staging import Staging
+from ..launch import world as launch_world
+from ..packing import balance
+from .assign import assign_megatron, hf_shard_costs, item_costs
+from .common import Summary
+from .to_hf import ToHFJob
+from .to_megatron import ToMegatronJob
+
+TIMEOUT_ENV = "HETERO_CONVERT_TIMEOUT_S"
+
+
+class Comm:
+    """The job's processes: a gloo group (fine on CPU and GPU nodes), created here unless one exists. A job of
+    one process has no group and trivial collectives.
+
+    `distributed`: True = this process is one of a torch.distributed job (started by torchrun, or inside an
+    initialised one); None = so when torchrun started more than one process; False = a job of one."""
+
+    def __init__(self, distributed: bool | None = None):
+        self.owned, self.group = False, None
+        self.rank, self.world = 0, 1
+        env = launch_world()
+        if distributed is False or (distributed is None and not (env.launched and env.size > 1)):
+            return
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if dist.get_backend() != "gloo":  # e.g. NCCL in a training job: objects travel on CPU here
+                self.group = dist.new_group(backend="gloo")
+            return
+        self.rank, self.world = env.rank, env.size
+        if self.world > 1:
+            timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 12 * 3600)))
+            dist.init_process_group("gloo", timeout=timeout)
+            self.owned = True
+
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+        if self.owned:
+            dist.destroy_process_group()
+
+
+def agree(comm: Comm, phase: str, fn, cleanup=None) -> list:
+    """Run fn on every process, then all learn each other's outcome: the results of every rank, or, if any
+    failed, the same error on every rank (after the coordinator ran `cleanup`). In a job of one process the
+    error is the original one, unchanged."""
+    try:
+        value, error, exc = fn(), None, None
+    except Exception as e:  # noqa: BLE001 - handed to every rank below
+        value, error, exc = None, f"{type(e).__name__}: {e}", e
+    if comm.world == 1:
+        if exc is not None:
+            if cleanup is not None:
+                cleanup()
+            raise exc
+        return [value]
+    gathered = comm.all_gather((error, value))
+    failed = [(r, err) for r, (err, _) in enumerate(gathered) if err is not None]
+    if failed:
+        if comm.rank == 0 and cleanup is not None:
+            cleanup()
+        comm.barrier()  # nobody leaves (and gets the others killed by torchrun) before the cleanup is done
+        r, msg = failed[0]
+        also = f"\n(ranks {[f for f, _ in failed[1:]]} failed too)" if len(failed) > 1 else ""
+        raise JobFailed(f"rank {r} of {comm.world} failed while {phase}: {msg}{also}")
+    return [v for _, v in gathered]
+
+
+def _merge_counts(summary: Summary, parts: list[dict]) -> None:
+    for key in ("chunks", "bytes_written", "bytes_read"):
+        setattr(summary, key, sum(p.get(key, 0) for p in parts))
+    summary.warnings = [w for p in parts for w in p["warnings"]]
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep", workers: int = 1,
+                   overwrite: bool = False, strict: bool = False, checksums: "bool | FileHashes" = True,
+                   progress: Callable[[int], None] | None = None, distributed: bool | None = None) -> Summary:
+    """HF checkpoint -> Megatron torch_dist checkpoint at (tp, pp), streaming; every process of a job returns
+    the same Summary.
+
+    `dtype`: None/"keep" (the source's), a torch dtype, or "bf16"/"fp16"/"fp32". `workers`: chunks converted
+    concurrently per process. `checksums`: record the source files' sha256 (True), or not (False); or a
+    `FileHashes` of them already under way (the CLI starts one before importing torch). `progress(nbytes)` is
+    called for every chunk written. `distributed`: see `Comm`."""
+    t0 = time.time()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+        job, share, files, mine = None, None, [], []
+
+        def setup():
+            nonlocal job, share, files, mine
+            job = ToMegatronJob(hf_dir, out_dir, tp, pp, dtype, strict, progress)
+            # The same inputs on every process give the same assignment: nothing to send around.
+            read, write = item_costs(job.items, job.lookup, lambda m: job.src_dtype[m.megatron].itemsize)
+            share = assign_megatron(read, write, comm.world)[comm.rank]
+            files = job.ckpt.files()
+            mine = balance([f.stat().st_size for f in files], comm.world)[comm.rank] if checksums else []
+            if comm.rank == 0:
+                (stage.begin() / ITERATION_DIR).mkdir()
+                return str(stage.tmp)
+            return None
+
+        try:
+            tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
+        finally:
+            if isinstance(checksums, FileHashes) and job is None:
+                checksums.close()
+
+        def work():
+            started = checksums if isinstance(checksums, FileHashes) and comm.world == 1 else None
+            hashes = started or FileHashes(files[i] for i in mine)
+            try:
+                _, results = write_checkpoint(tmp / ITERATION_DIR, job.items, job.resolve, threads=workers,
+                                              after_rank=lambda r: job.sink.raise_if_any(), ranks=share.ranks,
+                                              subset=share.subset, file_tag=f"p{comm.rank}_",
+                                              write_metadata=False)
+                job.sink.raise_if_any()
+                sums = hashes.results(files[i] for i in mine)
+            finally:
+                hashes.close()
+            return {"results": results, "sha256": sums, "chunks": job.summary.chunks,
+                    "bytes_written": job.summary.bytes_written, "warnings": job.sink.warnings}
+
+        parts = agree(comm, "converting its share", work, stage.cleanup)
+        results = [res for p in parts for res in p["results"]]
+
+        def finish():
+            if comm.rank == 0:
+                finish_metadata(tmp / ITERATION_DIR, job.items, results)
+                sums = {name: h for p in parts for name, h in p["sha256"].items()}
+                job.write_description(tmp, {f.name: sums[f.name] for f in files if f.name in sums})
+                stage.commit()
+
+        agree(comm, "writing the metadata", finish, stage.cleanup)
+        _merge_counts(job.summary, parts)
+        job.sink.warnings = job.summary.warnings
+        s = job.finish_summary(t0, len({wr.storage_data.relative_path for res in results for wr in res}))
+        s.layout["processes"] = comm.world
+        return s
+
+
+def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = "5GB", dtype="keep",
+                   tokenizer_from: str | Path | None = None, workers: int = 1, overwrite: bool = False,
+                   strict: bool = False, progress: Callable[[int], None] | None = None,
+                   distributed: bool | None = None) -> Summary:
+    """Megatron torch_dist checkpoint (saved at any TP/PP, ours or a training run's) -> HF checkpoint, streaming;
+    every process of a job returns the same Summary. Options as for `hf_to_megatron`; `progress` may also have
+    `set_total(nbytes)`, called once the checkpoint has been read."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+        job, mine = None, []
+
+        def setup():
+            nonlocal job, mine
+            job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from)
+            read, write = hf_shard_costs(job.shards, job.stored_bytes, lambda m: job.dtype_of(m).itemsize)
+            mine = balance([r + w for r, w in zip(read, write)], comm.world)[comm.rank]
+            return str(stage.begin()) if comm.rank == 0 else None
+
+        tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
+        if hasattr(progress, "set_total"):  # a progress bar learns the total once the checkpoint has been read
+            progress.set_total(job.total_bytes())
+
+        def work():
+            job.write_shards(tmp, mine, workers)
+            job.sink.raise_if_any()
+            return {"chunks": job.summary.chunks, "bytes_written": job.summary.bytes_written,
+                    "bytes_read": job.summary.bytes_read, "warnings": job.sink.warnings}
+
+        parts = agree(comm, "converting its share", work, stage.cleanup)
+
+        def finish():
+            if comm.rank == 0:
+                job.write_metadata(tmp)
+                stage.commit()
+
+        agree(comm, "writing the metadata", finish, stage.cleanup)
+        _merge_counts(job.summary, parts)
+        job.sink.warnings = job.summary.warnings
+        s = job.finish_summary(t0)
+        s.layout["processes"] = comm.world
+        return s

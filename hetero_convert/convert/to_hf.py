@@ -1,0 +1,166 @@
+"""Megatron torch_dist -> HF safetensors: the job every process of a conversion builds the same way.
+
+description (ours, or a training run's args) -> plan -> every stored key checked against the plan (before
+anything is written) -> safetensors shards planned from the plan (names, dtypes, shapes) -> one Megatron tensor
+at a time loaded whole, at whatever TP it was saved, cut into its HF tensors, each written at its planned
+offset -> index, config.json with regenerated block_configs, remote code, tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..errors import ConversionError
+from ..io.dcp import ByteBudget, DCPReader
+from ..io.hf_checkpoint import ShardedWriter, copy_tokenizer, plan_shards, write_config, write_generation_config
+from ..io.megatron_checkpoint import NON_MODEL_PREFIXES, iteration_dir, read_plan
+from ..mappings import TensorMapping, bind
+from .common import ErrorSink, Summary, check_finite, parse_size
+
+
+def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping]) -> None:
+    stored = reader.tensor_keys()
+    problems = []
+    for m in maps:
+        md = stored.get(m.megatron)
+        if md is None:
+            problems.append(f"{m.where}: missing tensor '{m.megatron}' (expected {list(m.shape)})")
+            continue
+        shape = tuple(md.size)
+        if m.vocab_padded:  # saved at any TP: padded to a multiple of 128*TP, never fewer than the vocabulary
+            ok = shape[1:] == m.shape[1:] and shape[0] >= m.vocab_rows
+        else:
+            ok = shape == m.shape
+        if not ok:
+            problems.append(f"{m.where}: '{m.megatron}' has shape {list(shape)}, the plan implies {list(m.shape)}")
+    absent = reader.missing_bytes()
+    problems += [f"{m.where}: '{m.megatron}': {absent[m.megatron]}" for m in maps if m.megatron in absent]
+    known = {m.megatron for m in maps}
+    leftover = sorted(k for k in stored if k not in known and not k.startswith(NON_MODEL_PREFIXES))
+    problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
+                 for k in leftover]
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) with the Megatron checkpoint, nothing written:\n  - "
+                              + "\n  - ".join(problems[:50]))
+
+
+def plan_hf_shards(maps: list[TensorMapping], dtype_of, max_bytes: int):
+    """(the shards' tensor layouts, the mappings each shard holds). All HF tensors of one Megatron tensor go to
+    the same shard, so a process that writes a shard loads exactly the Megatron tensors of that shard."""
+    layout = plan_shards([[(k, dtype_of(m), s) for k, s in zip(m.hf, m.hf_shapes)] for m in maps], max_bytes)
+    starts = {shard[0][0] for shard in layout}
+    groups: list[list[TensorMapping]] = []
+    for m in maps:
+        if m.hf[0] in starts:
+            groups.append([])
+        groups[-1].append(m)
+    return layout, groups
+
+
+class ToHFJob:
+    """megatron_to_hf's inputs, checked, and the safetensors shards to write (each process of a distributed
+    job builds the same job and writes its share of the shards)."""
+
+    direction = "megatron-to-hf"
+
+    def __init__(self, megatron_dir, out_dir, max_shard_size, dtype, strict: bool,
+                 progress: Callable[[int], None] | None, tokenizer_from=None):
+        self.strict, self.progress = strict, progress
+        self.want = dtypes.parse(dtype, keep=True)
+        self.it_dir = iteration_dir(megatron_dir)
+        self.plan = read_plan(self.it_dir)
+        self.reader = DCPReader(self.it_dir)
+        self.maps = bind(self.plan)
+        check_megatron_keys(self.reader, self.maps)
+        self.stored = self.reader.tensor_keys()
+        self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else None
+        self.shard_layout, self.shards = plan_hf_shards(self.maps, self.dtype_of, parse_size(max_shard_size))
+        self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
+        self.lock = threading.Lock()
+
+    def dtype_of(self, m: TensorMapping) -> torch.dtype:
+        return self.want or self.stored[m.megatron].properties.dtype
+
+    def total_bytes(self) -> int:
+        """Bytes of HF tensor data this job writes (vocab padding stripped, in the output dtype)."""
+        return sum(math.prod(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
+
+    def stored_bytes(self, m: TensorMapping) -> int:
+        md = self.stored[m.megatron]
+        return math.prod(md.size) * md.properties.dtype.itemsize
+
+    def write_tensor(self, m: TensorMapping, w: ShardedWriter, budget: ByteBudget | None) -> None:
+        """One Megatron tensor, loaded whole (any TP it was saved at), written as its HF tensors."""
+        held = budget.acquire(self.stored_bytes(m)) if budget else 0
+        try:
+            self._write_tensor(m, w)
+        finally:
+            if budget:
+                budget.release(held)
+
+    def _write_tensor(self, m: TensorMapping, w: ShardedWriter) -> None:
+        try:
+            full = self.reader.load(m.megatron)
+        except Exception as e:  # a corrupt chunk: name the tensor, not only the zip reader's complaint
+            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        for key, t in zip(m.hf, m.to_hf(full)):
+            t = t.to(self.dtype_of(m))
+            check_finite(t, f"{m.where}: {key}", self.sink, self.strict)
+            try:
+                w.write(key, t)
+            except OSError as e:  # disk full, I/O error: say which tensor and shard
+                raise ConversionError(f"{m.where}: writing '{key}' to {w.writer_of(key).path.name}: {e}") from e
+            with self.lock:
+                self.summary.chunks += 1
+                self.summary.bytes_written += t.numel() * t.element_size()
+            if self.progress is not None:
+                self.progress(t.numel() * t.element_size())
+        with self.lock:
+            self.summary.bytes_read += full.numel() * full.element_size()
+
+    def write_shards(self, tmp: Path, shards: list[int], workers: int) -> None:
+        """Write the given shards, `workers` tensors at a time across them (a 1 GB model is one shard, so
+        parallelism by shard alone would leave it single-threaded); each tensor lands at its planned offset."""
+        # A tensor being loaded costs twice its size (DCP's loaded chunk + the assembled tensor), so the
+        # tensors in flight are capped at the largest one's size: peak ~ 2 x largest whatever --workers is.
+        budget = ByteBudget(max(self.stored_bytes(m) for m in self.maps)) if workers > 1 else None
+        writer = ShardedWriter(tmp, self.shard_layout, open_shards=shards)
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        try:
+            futures = [pool.submit(self.write_tensor, m, writer, budget) for k in shards for m in self.shards[k]]
+            # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()
+            pool.shutdown()
+            writer.close()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            writer.abort()
+            raise
+
+    def write_metadata(self, tmp: Path) -> None:
+        """Everything but the shards: the index (when sharded), config.json, generation config, remote code,
+        and the tokenizer when one was given."""
+        ShardedWriter(tmp, self.shard_layout, open_shards=[]).write_index()
+        out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype
+        write_config(tmp, self.plan, out_dtype)
+        write_generation_config(tmp, self.plan)
+        if self.tokenizer_from is not None and not copy_tokenizer(self.tokenizer_from, tmp):
+            raise ConversionError(f"--tokenizer-from {self.tokenizer_from}: no tokenizer files found there")
+
+    def finish_summary(self, t0: float) -> Summary:
+        self.summary.tensors = sum(len(m.hf) for m in self.maps)
+        self.summary.warnings = self.sink.warnings
+        self.summary.seconds = time.time() - t0
+        self.summary.layout = {"shards": len(self.shards)}
+        return self.summary

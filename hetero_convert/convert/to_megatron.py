@@ -1,0 +1,139 @@
+"""HF safetensors -> Megatron torch_dist: the job every process of a conversion builds the same way.
+
+config.json -> plan -> bound mappings -> every source tensor checked against the plan (before anything is
+written) -> one DCP write item per Megatron chunk, grouped per simulated Megatron rank (TP fastest, then PP),
+so the data files are laid out as a run at that layout writes them -> each chunk read on demand from exactly
+the HF rows and columns it needs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..errors import ConversionError
+from ..io.dcp import bytes_item, extra_state_payload, tensor_item
+from ..io.hf_reader import HFCheckpoint
+from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, ITERATION_DIR, write_description, \
+    write_megatron_files
+from ..layout import require_layout
+from ..mappings import TensorMapping, bind, ignored_hf_key
+from ..plan import load_config, load_plan
+from .common import ErrorSink, Summary, check_finite
+
+
+def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
+    """Every expected tensor present with the planned shape, nothing left over. Runs before any write."""
+    problems, expected = [], {}
+    for m in maps:
+        for key, shape in zip(m.hf, m.hf_shapes):
+            expected[key] = (m, shape)
+    for key, (m, shape) in expected.items():
+        info = ckpt.tensors.get(key)
+        if info is None:
+            problems.append(f"{m.where}: missing tensor '{key}' (expected shape {list(shape)})")
+        elif info.shape != shape:
+            problems.append(f"{m.where}: tensor '{key}' has shape {list(info.shape)}, the config implies {list(shape)}")
+        elif not info.dtype.is_floating_point:
+            problems.append(f"{m.where}: tensor '{key}' has non-float dtype {info.dtype}")
+    leftover = sorted(k for k in ckpt.tensors if k not in expected and not ignored_hf_key(k))
+    for key in leftover:
+        problems.append(f"unexpected tensor '{key}' {list(ckpt.tensors[key].shape)}: the config has no place "
+                        f"for it (does config.json match the weights?)")
+    if problems:
+        raise ConversionError(f"{len(problems)} problem(s) with the HF checkpoint, nothing written:\n  - "
+                              + "\n  - ".join(problems[:50]))
+
+
+def megatron_write_items(maps: list[TensorMapping], tp: int, pp: int,
+                         dtype_of: Callable[[TensorMapping], torch.dtype]):
+    """One list of DCP write items per Megatron rank, and a lookup from item to (mapping, chunk)."""
+    items: list[list] = [[] for _ in range(tp * pp)]
+    lookup: dict = {}
+    for m in maps:
+        for c in m.chunks(tp):
+            item = tensor_item(m.megatron, m.shape, c.offsets, c.sizes, dtype_of(m))
+            items[m.stage * tp + c.tp_rank].append(item)  # megatron's rank order: TP fastest, then PP
+            lookup[(m.megatron, tuple(c.offsets))] = (m, c)
+        for key in m.extra_state:
+            # Megatron names a ShardedObject entry key/shard_{offsets}_{fragments}; one shard whatever the TP.
+            items[m.stage * tp].append(bytes_item(f"{key}/shard_0_1", 0))
+    return items, lookup
+
+
+class ToMegatronJob:
+    """hf_to_megatron's inputs, checked, and the Megatron chunks to write (each process of a distributed job
+    builds the same job and writes its share of `items`)."""
+
+    direction = "hf-to-megatron"
+
+    def __init__(self, hf_dir: Path, out_dir: Path, tp: int, pp: int, dtype, strict: bool,
+                 progress: Callable[[int], None] | None):
+        self.hf_dir, self.tp, self.pp, self.strict, self.progress = Path(hf_dir), tp, pp, strict, progress
+        self.want = dtypes.parse(dtype, keep=True)
+        self.config = load_config(hf_dir)
+        self.plan = load_plan(self.config)
+        require_layout(self.plan, tp, pp)
+        self.ckpt = HFCheckpoint(hf_dir)
+        self.maps = bind(self.plan, tp, pp)
+        check_hf_sources(self.ckpt, self.maps)
+        self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
+        self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
+        self.sink, self.summary = ErrorSink(), Summary(self.direction, str(hf_dir), str(out_dir))
+        self.counter = threading.Lock()
+
+    def dtype_of(self, m: TensorMapping) -> torch.dtype:
+        return self.want or self.src_dtype[m.megatron]
+
+    def total_bytes(self) -> int:
+        return self.ckpt.total_bytes()
+
+    def resolve(self, item):
+        """The data of one DCP write item, read when the writer asks for it."""
+        if item.type.name == "BYTE_IO":
+            return extra_state_payload()
+        m, c = self.lookup[(item.index.fqn, tuple(item.index.offset))]
+        try:
+            t = m.read_chunk(self.ckpt, c, self.dtype_of(m))
+            check_finite(t, f"{m.where}: {m.megatron} (from {', '.join(m.hf)})", self.sink, self.strict)
+        except Exception as e:  # noqa: BLE001 - reported after the rank's files are written
+            self.sink.error(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
+            t = torch.zeros(c.sizes, dtype=self.dtype_of(m))
+        with self.counter:
+            self.summary.bytes_written += t.numel() * t.element_size()
+            self.summary.chunks += 1
+        if self.progress is not None:
+            self.progress(t.numel() * t.element_size())
+        return t
+
+    def description(self, checksums: dict) -> dict:
+        return {
+            "format": DESCRIPTION_FORMAT, "format_version": FORMAT_VERSION,
+            "plan": self.plan.to_json(),
+            "hf_block_configs": self.plan.hf_block_configs(),
+            "megatron_block_configs": self.plan.megatron_block_configs(),
+            "tensor_parallel": self.tp, "pipeline_parallel": self.pp,
+            "padded_vocab_size": self.maps[0].shape[0],
+            "dtype": dtypes.config_name(self.want or sorted(set(self.src_dtype.values()), key=str)[0]),
+            "source": {"source_dir": str(self.hf_dir), "source_config": self.config,
+                       "source_format": self.plan.source_format, "file_sha256": checksums},
+        }
+
+    def write_description(self, root: Path, checksums: dict) -> None:
+        """Everything but the data files: description, common.pt, metadata.json (last) and the tracker."""
+        write_description(Path(root) / ITERATION_DIR, self.description(checksums))
+        write_megatron_files(Path(root))
+
+    def finish_summary(self, t0: float, files: int) -> Summary:
+        s = self.summary
+        s.tensors = len(self.maps)
+        s.bytes_read = sum(self.ckpt.tensors[k].nbytes for m in self.maps for k in m.hf)
+        s.warnings = self.sink.warnings
+        s.seconds = time.time() - t0
+        s.layout = {"tp": self.tp, "pp": self.pp, "files": files}
+        return s

@@ -1,0 +1,66 @@
+"""What `inspect` reports about a model, as data: per-layer kinds and counts, totals, and whether a TP/PP
+layout is possible. Needs only a config (no weights, no torch), so it answers in well under a second for
+full-size models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .layout import check_layout, feasible_layouts
+from .plan import ModelPlan, load_plan
+
+
+def describe_model(plan: ModelPlan, tp: int = 1, pp: int = 1, source: str = "") -> dict:
+    report = check_layout(plan, tp, pp)
+    split = report.split
+    layers = []
+    for layer in plan.layers:
+        layers.append({
+            "layer": layer.index,
+            "attention": layer.attention.kind,
+            "kv_heads": layer.attention.num_kv_heads,
+            "ffn": layer.ffn.kind,
+            "ffn_width": layer.ffn.width,
+            "parameters": plan.layer_parameters(layer)["total"],
+            "stage": split.stage_of_layer(layer.index) if split else None,
+        })
+    kinds = plan.kind_counts()
+    return {
+        "source": source,
+        "source_format": plan.source_format,
+        "num_layers": plan.num_layers,
+        "hidden_size": plan.hidden_size,
+        "num_attention_heads": plan.num_attention_heads,
+        "head_dim": plan.head_dim,
+        "vocab_size": plan.vocab_size,
+        "tie_word_embeddings": plan.tie_word_embeddings,
+        "rope_theta": plan.rope_theta,
+        "rope_scaling": plan.rope_scaling,
+        "parameters": plan.num_parameters(),
+        "non_embedding_parameters": plan.num_parameters(include_embeddings=False),
+        "kv_cache_bytes_per_token_bf16": plan.kv_cache_bytes_per_token(2),
+        "counts": {
+            "gqa_attention": kinds["attention gqa"],
+            "linear_attention": kinds["attention linear"],
+            "no_attention": kinds["attention none"],
+            "swiglu_ffn": kinds["ffn swiglu"],
+            "linear_ffn": kinds["ffn linear"],
+            "no_ffn": kinds["ffn none"],
+            "dummy_layers": kinds["dummy"],
+        },
+        "layers": layers,
+        "layout": {
+            "tp": tp, "pp": pp, "ok": report.ok,
+            "padded_vocab_size": report.padded_vocab_size,
+            "violations": [{"layer": v.layer, "tensor": v.tensor, "reason": v.reason} for v in report.violations],
+            "layers_per_stage": split.layers_per_stage if split else None,
+            "params_per_stage": split.params_per_stage if split else None,
+            "num_layers_in_first_pipeline_stage": split.num_layers_in_first_pipeline_stage if split else None,
+            "num_layers_in_last_pipeline_stage": split.num_layers_in_last_pipeline_stage if split else None,
+        },
+        "feasible_tp": sorted({t for t, _ in feasible_layouts(plan, max_gpus=8)}),
+    }
+
+
+def describe_path(path: str | Path, tp: int = 1, pp: int = 1) -> dict:
+    return describe_model(load_plan(path), tp, pp, str(path))

@@ -1,0 +1,141 @@
+"""The HF checkpoint directory as this project writes it: one writer for the converter, the fixtures and prune.
+
+  model.safetensors                        one shard, or
+  model-00001-of-0000N.safetensors ...     N shards of at most --max-shard-size, filled in model order, with
+  model.safetensors.index.json             {"metadata": {"total_size": tensor bytes}, "weight_map": {key: file}}
+  config.json, generation_config.json      from the plan (DeciLM with its remote code, or Llama)
+  configuration_decilm.py, modeling_decilm.py   the remote code (DeciLM only)
+  tokenizer files                          copied from where the model came from, when it had them
+
+`total_size` counts tensor bytes only, as transformers' save_pretrained does (not file sizes with headers).
+Shards are planned before anything is written (every name, dtype and shape is known from the plan), so each
+shard's header is written first and its tensors can then arrive in any order, from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..dtypes import config_name
+from ..packing import pack_in_order
+from .hf_index import INDEX_FILE, SINGLE_FILE
+from .safetensors_writer import StreamingSafetensorsWriter
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# The files whose presence means "this directory has a tokenizer" (the others only accompany one).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # (key, dtype, shape)
+
+
+def shard_names(n: int) -> list[str]:
+    return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)] if n > 1 else [SINGLE_FILE]
+
+
+def tensor_bytes(spec: TensorSpec) -> int:
+    return spec[1].itemsize * math.prod(spec[2])
+
+
+def plan_shards(units: list[list[TensorSpec]], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive units (tensors that must share a file, e.g. the HF tensors of one Megatron tensor) packed
+    into shards of at most max_bytes; a unit larger than that gets a shard of its own."""
+    groups = pack_in_order(units, lambda u: sum(tensor_bytes(t) for t in u), max_bytes)
+    return [[t for unit in g for t in unit] for g in groups]
+
+
+class ShardedWriter:
+    """The safetensors files of a planned checkpoint. `open_shards` (default: all) are created now; a
+    distributed job opens each process's own. `write(key, tensor)` puts a tensor in its shard (thread-safe,
+    each key once); `close()` fails unless every tensor of the open shards was written; `write_index()` (one
+    process) records which file holds which key."""
+
+    def __init__(self, out_dir: str | Path, shards: list[list[TensorSpec]], open_shards: list[int] | None = None):
+        self.out_dir = Path(out_dir)
+        self.shards = shards
+        self.names = shard_names(len(shards))
+        self.file_of = {key: k for k, shard in enumerate(shards) for key, _, _ in shard}
+        self.writers: dict[int, StreamingSafetensorsWriter] = {}
+        try:
+            for k in (range(len(shards)) if open_shards is None else open_shards):
+                self.writers[k] = StreamingSafetensorsWriter(self.out_dir / self.names[k], shards[k])
+        except BaseException:
+            self.abort()
+            raise
+
+    def writer_of(self, key: str) -> StreamingSafetensorsWriter:
+        if key not in self.file_of:
+            raise ValueError(f"tensor '{key}' is not planned for this checkpoint")
+        if self.file_of[key] not in self.writers:
+            raise ValueError(f"tensor '{key}' belongs to {self.names[self.file_of[key]]}, not opened here")
+        return self.writers[self.file_of[key]]
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self.writer_of(key).write(key, tensor)
+
+    def close(self) -> None:
+        errors = []
+        for k in sorted(self.writers):
+            try:
+                self.writers.pop(k).close()
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+
+    def total_bytes(self) -> int:
+        return sum(tensor_bytes(t) for shard in self.shards for t in shard)
+
+    def write_index(self) -> None:
+        """The index, when there is more than one shard (a single file needs none)."""
+        if len(self.shards) > 1:
+            weight_map = {key: self.names[k] for k, shard in enumerate(self.shards) for key, _, _ in shard}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes()}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def has_tokenizer(directory: str | Path | None) -> bool:
+    return directory is not None and any((Path(directory) / f).is_file() for f in TOKENIZER_MARKERS)
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files found in src; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(out: str | Path, plan, dtype: torch.dtype, extra: dict | None = None) -> dict:
+    """config.json (and the remote code when it is a DeciLM config): a Llama that went in comes back as a
+    Llama, everything else as DeciLM. `extra` keys (e.g. from the source config) are added. Returns it."""
+    from ..remote_code import write_remote_code
+
+    out = Path(out)
+    cfg = plan.llama_config() if plan.source_format == "llama" else None
+    if cfg is None:
+        cfg = plan.hf_config()
+        cfg["auto_map"] = write_remote_code(out)
+    cfg["torch_dtype"] = config_name(dtype)
+    cfg.update(extra or {})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
+def write_generation_config(out: str | Path, plan, source: dict | None = None) -> None:
+    """generation_config.json: the source's own when given, else the special token ids of the plan."""
+    gen = dict(source) if source else {
+        k: v for k, v in plan.special_tokens.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (Path(out) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

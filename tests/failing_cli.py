@@ -1,0 +1,29 @@
+"""Test-only entry point: the CLI, with one process of a torchrun job failing after it wrote its share of a
+conversion (FAIL_RANK=k), to show the whole job fails cleanly and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+
+from hetero_convert.convert import driver
+from hetero_convert.convert.to_hf import ToHFJob
+
+
+def fail_after(fn):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        rank = os.environ.get("RANK")
+        if rank == os.environ.get("FAIL_RANK"):
+            raise RuntimeError(f"injected failure on rank {rank}")
+        return out
+
+    return wrapped
+
+
+driver.write_checkpoint = fail_after(driver.write_checkpoint)  # hf-to-megatron: after this rank's data files
+ToHFJob.write_shards = fail_after(ToHFJob.write_shards)  # megatron-to-hf: after this rank's shards
+
+if __name__ == "__main__":
+    from hetero_convert.cli import app
+
+    app(prog_name="hetero-convert")
