@@ -40,7 +40,8 @@ def bench_config(hidden: int, heads: int) -> dict:
 
 
 def worker(a) -> None:
-    from hetero_convert.convert import hf_to_megatron, megatron_to_hf, settle_process_for_streaming
+    from hetero_convert.cli.process import settle_process_for_streaming
+    from hetero_convert.convert import hf_to_megatron, megatron_to_hf
 
     settle_process_for_streaming(a.threads)  # what the CLI does before converting
     t0 = time.time()

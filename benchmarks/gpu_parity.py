@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hetero_convert.convert import hf_to_megatron, iteration_dir, read_plan_from_megatron  # noqa: E402
+from hetero_convert.convert import hf_to_megatron  # noqa: E402
+from hetero_convert.io.megatron_checkpoint import iteration_dir, read_plan as read_plan_from_megatron  # noqa: E402
 from hetero_convert.fixtures import write_random_checkpoint  # noqa: E402
 from hetero_convert.plan import load_plan  # noqa: E402
 from hetero_convert.verify import (  # noqa: E402
