@@ -8,7 +8,7 @@ multi-gigabyte checkpoints of the benchmarks in bounded memory.
 
 Weights are scaled so that the models are numerically interesting: q/k use a larger std (0.08 at hidden 128,
 scaled by sqrt(128/hidden)) so attention is far from uniform and a wrong RoPE factor shows in the logits
-(with std 0.02 it hides, see the reference notes); norm weights are 1 + noise so a swapped norm shows too.
+(with std 0.02 at hidden 256 attention is almost uniform and a halved rope factor hardly moves the logits); norm weights are 1 + noise so a swapped norm shows too.
 """
 
 from __future__ import annotations

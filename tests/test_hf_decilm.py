@@ -192,7 +192,8 @@ def rel_err(a, b):
 
 
 def expected_hf_keys(config):
-    """The HF key set from the table in DECILM_SEMANTICS.md section 4, derived only from the block dicts."""
+    """The HF key set of a DeciLM checkpoint (per sub-block: its norm and projections, nothing for no_op), derived
+    only from the block dicts."""
     keys = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         keys.add("lm_head.weight")

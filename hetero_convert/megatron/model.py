@@ -35,7 +35,8 @@ def build_model(plan: ModelPlan, tp: int, pp: int, dtype: str | torch.dtype = "f
     """This rank's GPTModel stage (eval mode, on `device`). `init_parallel(tp, pp, device)` must have run.
 
     The local (non-TE) spec is used unless the device is CUDA and transformer-engine imports; both write
-    and read the same dist-checkpoint keys (MEGATRON_MAPPING.md §3). `config_overrides` go to
+    and read the same dist-checkpoint keys (the local spec maps its module names onto TE's through
+    `sharded_state_dict_keys_map`). `config_overrides` go to
     `spec.megatron_config` (e.g. `init_method_std` for random-init fixtures).
     """
     from megatron.core import parallel_state
