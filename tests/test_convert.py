@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from hetero_convert.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from hetero_convert.demo import compare_checkpoints
-from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.io.hf_reader import CheckpointError, HFCheckpoint
 from hetero_convert.io.megatron_checkpoint import ITERATION_DIR
@@ -23,9 +22,8 @@ FIXTURES = ["tiny-every-kind", "tiny-tied", "tiny-ultra-kinds", "tiny-llama"]
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {name: write_random_checkpoint(name, root / name, seed=3, max_shard_bytes=400_000) for name in FIXTURES}
+def sources(tiny_sources):
+    return tiny_sources
 
 
 # ---- the mapping tables themselves ----------------------------------------------------------------------------

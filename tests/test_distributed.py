@@ -19,7 +19,6 @@ from hetero_convert.convert import hf_to_megatron, megatron_to_hf
 from hetero_convert.demo import compare_checkpoints
 from hetero_convert.convert.assign import assign_megatron, plan_conversion
 from hetero_convert.packing import balance
-from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.mappings import expected_hf_keys
 from hetero_convert.plan import load_plan
@@ -39,10 +38,8 @@ def torchrun(nproc: int, *args, env: dict | None = None, module: str = "hetero_c
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    return {name: write_random_checkpoint(name, root / name, seed=5, max_shard_bytes=400_000)
-            for name in ("tiny-every-kind", "tiny-ultra-kinds", "tiny-llama")}
+def sources(tiny_sources):
+    return tiny_sources
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

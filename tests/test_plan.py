@@ -215,3 +215,35 @@ def test_transformers5_rope_parameters_are_read():
     assert plan.rope_theta == 500000.0 and plan.rope_scaling["factor"] == 16.0
     with pytest.raises(PlanError, match="contradicts"):
         load_plan(base(intermediate_size=512, rope_theta=10000.0, rope_parameters={"rope_theta": 5e5}))
+
+
+# ---- the remote code parses configs the same way ----------------------------------------------------------
+
+
+def _decilm_configs() -> list[Path]:
+    return sorted(p for p in list(FIXTURES.glob("*.json")) + list(RELEASED.glob("*.json"))
+                  if "block_configs" in json.loads(p.read_text()))
+
+
+@pytest.mark.parametrize("path", _decilm_configs(), ids=lambda p: p.name)
+def test_remote_code_config_agrees_with_the_plan(path):
+    """hf/configuration_decilm.py stands alone (it ships as remote code and may not import this package), so it
+    has its own block_configs parser: on every bundled and released config it must see the same layers as
+    plan.py (kinds, KV heads, widths) and write back the same released-form block_configs."""
+    from hetero_convert.hf import DeciLMConfig
+
+    cfg = json.loads(path.read_text())
+    plan = load_plan(cfg)
+    remote = DeciLMConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")})
+    assert len(remote.block_configs) == plan.num_layers
+    for layer in plan.layers:
+        i, block = layer.index, remote.block_configs[layer.index]
+        kind = {GQA: "normal", LINEAR: "linear", NONE: "none"}[layer.attention.kind]
+        assert ("none" if block.attention.no_op else "linear" if block.attention.replace_with_linear
+                else "normal") == kind, i
+        assert remote.num_kv_heads(i) == (layer.attention.num_kv_heads or 0), i
+        assert ("none" if block.ffn.no_op else "linear" if block.ffn.replace_with_linear else "swiglu") == \
+            {SWIGLU: "swiglu", LINEAR: "linear", NONE: "none"}[layer.ffn.kind], i
+        assert remote.ffn_width(i) == (layer.ffn.width or 0), i
+    if plan.source_format == "decilm":  # the released form both write back
+        assert remote.to_dict()["block_configs"] == plan.hf_block_configs()
