@@ -1,12 +1,12 @@
 """What `inspect` reports about a model, as data: per-layer kinds and counts, totals, and whether a TP/PP
-layout is possible. Needs only a config (no weights, no torch), so it answers in well under a second for
-full-size models."""
+layout is possible. Needs only a config or a Megatron checkpoint's description (no weights, no torch), so it
+answers in well under a second for full-size models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .layout import check_layout, feasible_layouts
+from .layout import check_layout, feasible_tp, pipeline_options, rope_violations
 from .plan import ModelPlan, load_plan
 
 
@@ -53,14 +53,28 @@ def describe_model(plan: ModelPlan, tp: int = 1, pp: int = 1, source: str = "") 
             "tp": tp, "pp": pp, "ok": report.ok,
             "padded_vocab_size": report.padded_vocab_size,
             "violations": [{"layer": v.layer, "tensor": v.tensor, "reason": v.reason} for v in report.violations],
+            "problems": report.grouped(),
             "layers_per_stage": split.layers_per_stage if split else None,
             "params_per_stage": split.params_per_stage if split else None,
             "num_layers_in_first_pipeline_stage": split.num_layers_in_first_pipeline_stage if split else None,
             "num_layers_in_last_pipeline_stage": split.num_layers_in_last_pipeline_stage if split else None,
         },
-        "feasible_tp": sorted({t for t, _ in feasible_layouts(plan, max_gpus=8)}),
+        "feasible_tp": [] if rope_violations(plan) else feasible_tp(plan),
+        "pipeline_options": pipeline_options(plan),
     }
 
 
+def load_model_plan(path: str | Path) -> ModelPlan:
+    """The plan of whatever names a model: a config.json, a HF checkpoint directory, or a Megatron checkpoint
+    (its root or iteration folder; ours, or a training run's)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        from .io.megatron_checkpoint import is_megatron_checkpoint, iteration_dir, read_plan
+
+        if is_megatron_checkpoint(p):
+            return read_plan(iteration_dir(p))
+    return load_plan(p)
+
+
 def describe_path(path: str | Path, tp: int = 1, pp: int = 1) -> dict:
-    return describe_model(load_plan(path), tp, pp, str(path))
+    return describe_model(load_model_plan(path), tp, pp, str(path))

@@ -21,6 +21,7 @@ from .errors import LayoutError
 from .plan import ModelPlan
 
 VOCAB_DIVISIBLE_BY = 128
+MAX_TP = 8  # the TP sizes suggested and listed (one node's GPUs)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
@@ -63,6 +64,17 @@ class PipelineSplit:
         raise IndexError(layer)
 
 
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, start = [], None
+    for k, x in enumerate(layers):
+        start = x if start is None else start
+        if k + 1 == len(layers) or layers[k + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ", ".join(out)
+
+
 @dataclass
 class LayoutReport:
     tp: int
@@ -70,14 +82,40 @@ class LayoutReport:
     padded_vocab_size: int
     violations: list[Violation]
     split: PipelineSplit | None
+    feasible_tp: list[int] = field(default_factory=list)  # TP sizes up to MAX_TP this model can be split into
+    num_layers: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
+    def grouped(self) -> list[str]:
+        """One line per distinct problem, with the layers that have it: 'layers 0-29: tensor: reason'."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        model_level = []
+        for v in self.violations:
+            if v.layer is None:
+                model_level.append(str(v))
+            else:
+                groups.setdefault((v.tensor, v.reason), []).append(v.layer)
+        lines = list(model_level)
+        for (tensor, reason), layers in groups.items():
+            where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layer_ranges(layers)}"
+            lines.append(f"{where}: {tensor}: {reason}")
+        return lines
+
+    def suggestion(self) -> str:
+        """What would work instead, from the TP sizes that pass and the layer count."""
+        if not self.feasible_tp:
+            return "no TP size up to 8 works for this model"
+        pp = f"PP up to {self.num_layers}" if self.num_layers else "any PP"
+        return (f"TP sizes that work (up to {MAX_TP}): {self.feasible_tp}, each with {pp}; "
+                f"`hetero-convert inspect --tp T --pp P` shows a layout's pipeline split")
+
     def message(self) -> str:
-        head = f"layout TP={self.tp} PP={self.pp} is not possible ({len(self.violations)} problems):"
-        return "\n".join([head] + [f"  - {v}" for v in self.violations])
+        lines = self.grouped()
+        head = f"layout TP={self.tp} PP={self.pp} is not possible ({len(self.violations)} problem{"s" if len(self.violations) != 1 else ""}):"
+        return "\n".join([head] + [f"  - {line}" for line in lines] + [self.suggestion()])
 
 
 def tp_violations(plan: ModelPlan, tp: int) -> list[Violation]:
@@ -156,15 +194,27 @@ def check_layout(plan: ModelPlan, tp: int = 1, pp: int = 1) -> LayoutReport:
                                     f"{plan.num_layers} layers cannot fill PP={pp} stages"))
     else:
         split = pipeline_split(plan, pp)
-    if plan.rope_scaling is not None:
-        rs = plan.rope_scaling
-        # megatron-core hard-codes these three llama3 constants; a config with others cannot be represented.
-        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        for key, want in fixed.items():
-            if float(rs[key]) != want:
-                violations.append(Violation(None, f"rope_scaling.{key}",
-                                            f"{rs[key]} differs from megatron-core's fixed {want}"))
-    return LayoutReport(tp, pp, padded_vocab_size(plan.vocab_size, tp), violations, split)
+    violations += rope_violations(plan)
+    report = LayoutReport(tp, pp, padded_vocab_size(plan.vocab_size, tp), violations, split,
+                          num_layers=plan.num_layers)
+    if violations:
+        report.feasible_tp = feasible_tp(plan) if not rope_violations(plan) else []
+    return report
+
+
+def rope_violations(plan: ModelPlan) -> list[Violation]:
+    """megatron-core hard-codes three llama3 constants; a config with others cannot be represented."""
+    if plan.rope_scaling is None:
+        return []
+    rs = plan.rope_scaling
+    fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return [Violation(None, f"rope_scaling.{key}", f"{rs[key]} differs from megatron-core's fixed {want}")
+            for key, want in fixed.items() if float(rs[key]) != want]
+
+
+def feasible_tp(plan: ModelPlan, max_tp: int = MAX_TP) -> list[int]:
+    """Every TP size from 1 to max_tp the model can be split into (not only powers of two)."""
+    return [tp for tp in range(1, max_tp + 1) if not tp_violations(plan, tp)]
 
 
 def require_layout(plan: ModelPlan, tp: int = 1, pp: int = 1) -> LayoutReport:
@@ -175,11 +225,20 @@ def require_layout(plan: ModelPlan, tp: int = 1, pp: int = 1) -> LayoutReport:
 
 
 def feasible_layouts(plan: ModelPlan, max_gpus: int = 64) -> list[tuple[int, int]]:
-    """All (TP, PP) with TP a power of two up to 8 and TP*PP <= max_gpus that pass check_layout."""
+    """All (TP, PP) with TP up to MAX_TP and TP*PP <= max_gpus that pass check_layout."""
+    if rope_violations(plan):
+        return []
+    return [(tp, pp) for tp in feasible_tp(plan) for pp in range(1, min(plan.num_layers, max_gpus // tp) + 1)]
+
+
+def pipeline_options(plan: ModelPlan, pps: tuple[int, ...] = (2, 4, 8)) -> list[dict]:
+    """The balanced split at a few PP sizes: layers per stage and how far the heaviest stage is above the mean."""
     out = []
-    for tp in (1, 2, 4, 8):
-        if tp_violations(plan, tp):
-            continue
-        for pp in range(1, min(plan.num_layers, max_gpus // tp) + 1):
-            out.append((tp, pp))
+    for pp in pps:
+        if pp > plan.num_layers:
+            break
+        split = pipeline_split(plan, pp)
+        params = split.params_per_stage
+        out.append({"pp": pp, "layers_per_stage": split.layers_per_stage,
+                    "max_over_mean": max(params) * len(params) / sum(params)})
     return out

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hetero_convert.layout import LayoutError, check_layout, padded_vocab_size, pipeline_split, require_layout
+from hetero_convert.layout import (LayoutError, check_layout, layer_ranges, padded_vocab_size, pipeline_split,
+                                   require_layout)
 from hetero_convert.plan import load_plan
 
 RELEASED = Path(__file__).resolve().parents[1] / "fixtures" / "released"
@@ -31,8 +32,15 @@ def test_every_violation_is_reported_with_layer_and_tensor():
     assert not report.ok
     text = report.message()
     assert "model: num_attention_heads: 32 heads are not divisible by TP=3" in text
-    assert "layer 0: self_attention.linear_qkv: 4 KV heads is neither a multiple nor a divisor of TP=3" in text
-    assert "layer 13: mlp.linear_fc1: FFN width 2816 is not divisible by TP=3" in text
+    # One line per distinct problem, naming every layer that has it.
+    kv4 = [l.index for l in plan.layers if l.attention.num_kv_heads == 4]
+    fc1 = [l.index for l in plan.layers if l.ffn.kind == "swiglu" and l.ffn.width == 2816]
+    assert kv4[0] == 0 and 13 in fc1
+    assert f"layers {layer_ranges(kv4)}: self_attention.linear_qkv: 4 KV heads is neither a multiple nor a divisor " \
+           f"of TP=3" in text
+    assert f"layers {layer_ranges(fc1)}: mlp.linear_fc1: FFN width 2816 is not divisible by TP=3" in text
+    assert len(text.splitlines()) < len(report.violations)  # grouped
+    assert "TP sizes that work (up to 8): [1, 2, 4, 8]" in text
     gqa = sum(l.attention.kind == "gqa" for l in plan.layers)
     swiglu = sum(l.ffn.kind == "swiglu" for l in plan.layers)
     linear = sum(l.attention.kind == "linear" for l in plan.layers) + sum(l.ffn.kind == "linear" for l in plan.layers)
@@ -161,4 +169,5 @@ def test_inspect_reports_infeasible_layout_with_exit_code():
     out = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "inspect", str(MINI), "--tp", "3"],
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert "not possible" in out.stdout and "layer 0: self_attention.linear_qkv" in out.stdout
+    assert "not possible" in out.stdout and "self_attention.linear_qkv" in out.stdout
+    assert "layers 0" in out.stdout

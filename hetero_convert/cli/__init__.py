@@ -18,8 +18,26 @@ from ..launch import world
 from .render import console, err, print_inspect, print_plan_conversion, print_prune_report, \
     print_spec, print_summary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+                  help="Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core, "
+                       "prove the move was exact, and prune them into new heterogeneous shapes.")
+DTYPE_CHOICES = "keep|bf16|fp16|fp32"
+
+
+def _version(value: bool):
+    if value:
+        from .. import __version__
+
+        print(f"hetero-convert {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                      help="Print the version and exit")):
+    """Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core, prove the
+    move was exact, and prune them into new heterogeneous shapes. `hetero-convert COMMAND -h` explains each."""
 
 
 def fail(msg: str, code: int = 1):
@@ -39,7 +57,7 @@ def fail_job(e: Exception):
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    path: Path = typer.Argument(..., help="A config.json, or a HF or Megatron checkpoint directory"),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to check"),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size to check"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
@@ -61,7 +79,7 @@ def inspect(
 
 @app.command()
 def spec(
-    path: Path = typer.Argument(..., help="A checkpoint directory or a config.json"),
+    path: Path = typer.Argument(..., help="A config.json, or a HF or Megatron checkpoint directory"),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size the specs are built for"),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size the specs are built for"),
     te: bool = typer.Option(False, "--te/--local", help="Transformer Engine spec, or megatron-core's local spec"),
@@ -71,13 +89,13 @@ def spec(
     import warnings
 
     warnings.filterwarnings("ignore")
-    from ..plan import load_plan
+    from ..describe import load_model_plan
     from ..spec import spec_table, te_available
 
     if te and not te_available():
         fail("--te needs transformer-engine, which is not importable here (use --local)")
     try:
-        rows = spec_table(load_plan(path), tp, pp, use_te=te)
+        rows = spec_table(load_model_plan(path), tp, pp, use_te=te)
     except HeteroConvertError as e:
         fail(str(e))
     if as_json:
@@ -98,7 +116,7 @@ def hf_to_megatron_cmd(
     out_dir: Path = typer.Argument(..., help="Megatron checkpoint directory to create"),
     tp: int = typer.Option(1, "--tp", help="Chunk the data as a run at this tensor-parallel size would"),
     pp: int = typer.Option(1, "--pp", help="... and at this pipeline-parallel size"),
-    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
@@ -108,7 +126,13 @@ def hf_to_megatron_cmd(
     """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
     from ..io.checksums import FileHashes
     from ..io.hf_index import shard_files
+    from ..layout import require_layout
+    from ..plan import load_plan
 
+    try:  # refuse a config or layout before paying for torch's import (the converter checks it again)
+        require_layout(load_plan(hf_dir), tp, pp)
+    except HeteroConvertError as e:
+        fail(str(e))
     env = world()
     # Hash the source (and so read it from disk) while torch and DCP are being imported: that start-up takes
     # ~1.7 s on one core. Under torchrun each process hashes its own share instead (convert/driver.py).
@@ -143,7 +167,7 @@ def megatron_to_hf_cmd(
     megatron_dir: Path = typer.Argument(..., help="Megatron torch_dist checkpoint (root or iteration folder)"),
     out_dir: Path = typer.Argument(..., help="HF checkpoint directory to create"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB"),
-    dtype: str = typer.Option("keep", "--dtype", help="keep | bf16 | fp16 | fp32"),
+    dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from here"),
     workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
@@ -241,12 +265,14 @@ def demo(
 
 @app.command("plan-convert")
 def plan_convert(
-    path: Path = typer.Argument(..., help="A config.json or HF checkpoint directory (no weights needed)"),
+    path: Path = typer.Argument(..., help="A config.json, or a HF or Megatron checkpoint directory (no weights "
+                                          "are read)"),
     ranks: int = typer.Option(..., "--ranks", help="Processes of the torchrun job (nodes x processes per node)"),
     tp: int = typer.Option(1, "--tp", help="Megatron tensor-parallel size"),
     pp: int = typer.Option(1, "--pp", help="Megatron pipeline-parallel size (hf-to-megatron)"),
-    direction: str = typer.Option("hf-to-megatron", "--direction", help="hf-to-megatron | megatron-to-hf"),
-    dtype: str = typer.Option("keep", "--dtype", help="Output dtype: keep | bf16 | fp16 | fp32"),
+    direction: str = typer.Option("hf-to-megatron", "--direction", metavar="hf-to-megatron|megatron-to-hf",
+                                  help="Which conversion to plan"),
+    dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="HF shard size (megatron-to-hf)"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ):

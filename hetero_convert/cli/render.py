@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+# A terminal wraps at its width; anything else (a log, a pipe, a CI job) gets whole lines and whole tables, so
+# nothing is cut mid-word or mid-path. rich assumes 80 columns when it cannot ask a terminal.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 1000)
 
 
 def human(n: float, unit: str = "") -> str:
@@ -51,10 +54,13 @@ def print_inspect(d: dict, path) -> None:
                       f"stage {lay['layers_per_stage']}{extra}", highlight=False)
     else:
         console.print(f"layout TP={tp} PP={pp}: [red]not possible[/] ({len(lay['violations'])} problems)")
-        for v in lay["violations"]:
-            where = f"layer {v['layer']}" if v["layer"] is not None else "model"
-            console.print(f"  - {where}: {v['tensor']}: {v['reason']}", highlight=False)
-    console.print(f"TP sizes possible (up to 8): {d['feasible_tp']}", highlight=False)
+        for line in lay["problems"]:
+            console.print(f"  - {line}", highlight=False)
+    console.print(f"TP sizes possible (up to 8): {d['feasible_tp'] or 'none'}", highlight=False)
+    if d["pipeline_options"]:
+        console.print("balanced pipeline splits: " + "; ".join(
+            f"PP={o['pp']} {o['layers_per_stage']} (heaviest stage {o['max_over_mean']:.2f}x the mean)"
+            for o in d["pipeline_options"]), highlight=False)
 
 
 def print_spec(rows: list[dict], tp: int, pp: int, te: bool) -> None:

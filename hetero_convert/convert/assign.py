@@ -20,7 +20,6 @@ from ..io.dcp import extra_state_payload
 from ..layout import require_layout
 from ..mappings import bind
 from ..packing import balance
-from ..plan import load_config, load_plan
 from .common import parse_size
 from .to_hf import plan_hf_shards
 from .to_megatron import megatron_write_items
@@ -95,12 +94,13 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
     (for megatron-to-hf, TP only changes the stored vocabulary padding)."""
     if processes < 1:
         raise ConversionError("the number of processes must be at least 1")
+    from ..describe import load_model_plan
+
     want = dtypes.parse(dtype, keep=True)
-    config = load_config(path)
-    plan = load_plan(config)
+    plan = load_model_plan(path)
     require_layout(plan, tp, pp)
     try:
-        src = dtypes.from_config(config.get("torch_dtype") or config.get("dtype"))
+        src = dtypes.from_config(plan.torch_dtype)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     out = want or src

@@ -33,8 +33,10 @@ MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version":
 NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "chained_")
 
 
-def is_checkpoint_root(path: str | Path) -> bool:
-    return (Path(path) / TRACKER_FILE).is_file()
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    """A checkpoint root (with the tracker file) or an iteration folder (DCP metadata or megatron's record)."""
+    p = Path(path)
+    return any((p / f).is_file() for f in (TRACKER_FILE, ".metadata", "metadata.json"))
 
 
 def iteration_dir(path: str | Path) -> Path:
