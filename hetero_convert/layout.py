@@ -114,7 +114,8 @@ class LayoutReport:
 
     def message(self) -> str:
         lines = self.grouped()
-        head = f"layout TP={self.tp} PP={self.pp} is not possible ({len(self.violations)} problem{"s" if len(self.violations) != 1 else ""}):"
+        n = len(self.violations)
+        head = f"layout TP={self.tp} PP={self.pp} is not possible ({n} problem{'s' if n != 1 else ''}):"
         return "\n".join([head] + [f"  - {line}" for line in lines] + [self.suggestion()])
 
 
