@@ -68,6 +68,20 @@ class TensorSource(Protocol):
     def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None: ...
 
 
+class DictSource:
+    """A `TensorSource` over HF tensors in memory ({name: tensor})."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None:
+        t = self.tensors[name][row_start:row_start + out.shape[0]]
+        out.copy_(t[:, cols] if cols is not None else t)
+
+
 # ---- row arrangements: how Megatron's rows are made of the HF rows -------------------------------------------
 
 
@@ -321,4 +335,4 @@ def expected_hf_keys(plan: ModelPlan) -> dict[str, tuple[int, ...]]:
     return {k: s for m in bind(plan) for k, s in zip(m.hf, m.hf_shapes)}
 
 
-__all__ = ["Chunk", "Segment", "TensorMapping", "TensorSource", "bind", "expected_hf_keys", "ignored_hf_key"]
+__all__ = ["Chunk", "DictSource", "Segment", "TensorMapping", "TensorSource", "bind", "expected_hf_keys", "ignored_hf_key"]

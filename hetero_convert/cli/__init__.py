@@ -193,6 +193,43 @@ def megatron_to_hf_cmd(
         print_summary(s, as_json)
 
 
+@app.command("megatron-to-megatron")
+def megatron_to_megatron_cmd(
+    megatron_dir: Path = typer.Argument(..., help="Megatron torch_dist checkpoint (root or iteration folder)"),
+    out_dir: Path = typer.Argument(..., help="Megatron checkpoint directory to create"),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size to re-chunk for"),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size to re-chunk for"),
+    dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
+    workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
+    distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+):
+    """Re-chunk a Megatron checkpoint for another TP/PP (or dtype), streaming, without going through HF."""
+    from ..describe import load_model_plan
+    from ..layout import require_layout
+
+    try:  # refuse the layout before paying for torch's import
+        require_layout(load_model_plan(megatron_dir), tp, pp)
+    except HeteroConvertError as e:
+        fail(str(e))
+    from ..convert import megatron_to_megatron
+    from .process import settle_process_for_streaming
+    from .progress import Progress
+
+    env = world()
+    settle_process_for_streaming(workers)
+    try:
+        with Progress(0, "megatron-to-megatron", not as_json and env.size == 1) as prog:
+            s = megatron_to_megatron(megatron_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers,
+                                     overwrite=overwrite, strict=strict, progress=prog, distributed=distributed)
+    except (HeteroConvertError, FileNotFoundError) as e:
+        fail_job(e)
+    if env.coordinator:
+        print_summary(s, as_json)
+
+
 # ---- verify -------------------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,13 +27,14 @@ import torch.distributed as dist
 
 from ..errors import JobFailed
 from ..io.checksums import FileHashes
-from ..io.dcp import finish_metadata, write_checkpoint
+from ..io.dcp import ByteBudget, finish_metadata, write_checkpoint, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import Staging
 from ..launch import world as launch_world
 from ..packing import balance
 from .assign import assign_megatron, hf_shard_costs, item_costs
 from .common import Summary
+from .reshard import ReshardJob
 from .to_hf import ToHFJob
 from .to_megatron import ToMegatronJob
 
@@ -223,5 +225,59 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
         _merge_counts(job.summary, parts)
         job.sink.warnings = job.summary.warnings
         s = job.finish_summary(t0)
+        s.layout["processes"] = comm.world
+        return s
+
+
+def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep",
+                         workers: int = 1, overwrite: bool = False, strict: bool = False,
+                         progress: Callable[[int], None] | None = None, distributed: bool | None = None) -> Summary:
+    """A Megatron torch_dist checkpoint (any TP/PP) re-chunked for another (tp, pp), streaming, exactly as
+    hf_to_megatron at that layout would write the same weights; every process of a job returns the same
+    Summary. Options as for `hf_to_megatron`."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+        job, mine = None, []
+
+        def setup():
+            nonlocal job, mine
+            job = ReshardJob(megatron_dir, out_dir, tp, pp, dtype, strict, progress)
+            sizes = [sum(math.prod(it.tensor_data.chunk.sizes) * it.tensor_data.properties.dtype.itemsize
+                         for it in g if it.type.name != "BYTE_IO") for g in job.groups]
+            mine = balance(sizes, comm.world)[comm.rank]
+            if comm.rank == 0:
+                (stage.begin() / ITERATION_DIR).mkdir()
+                return str(stage.tmp)
+            return None
+
+        tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
+        if hasattr(progress, "set_total"):
+            progress.set_total(job.total_bytes())
+
+        def work():
+            # One source tensor in flight costs it twice (DCP's read and the assembled tensor) plus its chunks.
+            largest = max(job.reader.tensor_bytes(m.megatron) for m in job.maps)
+            results = write_groups(tmp / ITERATION_DIR, [job.groups[g] for g in mine], job.produce,
+                                   lambda it: job.rank_of_item[id(it)], threads=workers,
+                                   file_tag=f"p{comm.rank}_" if comm.world > 1 else "",
+                                   budget=ByteBudget(largest) if workers > 1 else None)
+            job.sink.raise_if_any()
+            return {"results": results, "chunks": job.summary.chunks, "bytes_written": job.summary.bytes_written,
+                    "bytes_read": job.summary.bytes_read, "warnings": job.sink.warnings}
+
+        parts = agree(comm, "converting its share", work, stage.cleanup)
+        results = [r for p in parts for r in p["results"]]
+
+        def finish():
+            if comm.rank == 0:
+                finish_metadata(tmp / ITERATION_DIR, job.items, [results])
+                job.write_description(tmp)
+                stage.commit()
+
+        agree(comm, "writing the metadata", finish, stage.cleanup)
+        _merge_counts(job.summary, parts)
+        job.sink.warnings = job.summary.warnings
+        s = job.finish_summary(t0, len({r.storage_data.relative_path for r in results}))
         s.layout["processes"] = comm.world
         return s

@@ -94,8 +94,7 @@ class ToHFJob:
         return sum(math.prod(s) * self.dtype_of(m).itemsize for m in self.maps for s in m.hf_shapes)
 
     def stored_bytes(self, m: TensorMapping) -> int:
-        md = self.stored[m.megatron]
-        return math.prod(md.size) * md.properties.dtype.itemsize
+        return self.reader.tensor_bytes(m.megatron)
 
     def write_tensor(self, m: TensorMapping, w: ShardedWriter, budget: ByteBudget | None) -> None:
         """One Megatron tensor, loaded whole (any TP it was saved at), written as its HF tensors."""

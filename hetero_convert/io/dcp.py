@@ -20,7 +20,7 @@ import io
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,6 +212,59 @@ def write_checkpoint(
     return metadata, results
 
 
+def write_groups(
+    path: str | Path,
+    groups: list[list[WriteItem]],
+    produce: Callable[[list[WriteItem]], Iterable[tuple[WriteItem, torch.Tensor | io.BytesIO]]],
+    rank_of: Callable[[WriteItem], int],
+    threads: int = 1,
+    file_tag: str = "",
+    budget: ByteBudget | None = None,
+) -> list[WriteResult]:
+    """Tensor-major writing: the items of a group (every chunk of one tensor, say) are produced together, from
+    one read of their source, and each is appended to the file of its rank. A thread owns its files
+    (`__{rank}_{file_tag}{thread}.distcp`), so nothing is shared but the budget, which caps the groups in
+    flight by their bytes. Returns every item's WriteResult (the `.metadata` is written by the caller)."""
+    threads = max(1, min(threads, len(groups))) if groups else 1
+    sizes = [sum(_item_bytes(it) for it in g) for g in groups]
+    shares = balance(sizes, threads)
+
+    def run(t: int, picked: list[int]) -> list[WriteResult]:
+        files: dict[int, object] = {}
+        results = []
+        try:
+            for g in picked:
+                held = budget.acquire(sizes[g]) if budget else 0
+                try:
+                    for item, data in produce(groups[g]):
+                        rank = rank_of(item)
+                        name = f"__{rank}_{file_tag}{t}.distcp"
+                        if rank not in files:
+                            files[rank] = open(Path(path) / name, "wb")
+                        results.append(StreamingWriter._write_one(files[rank], name, item, _Resolved(data)))
+                finally:
+                    if budget:
+                        budget.release(held)
+        finally:
+            for f in files.values():
+                f.close()
+        return results
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(run, t, picked) for t, picked in enumerate(shares) if picked]
+        return [r for fut in futures for r in fut.result()]
+
+
+class _Resolved:
+    """A planner whose one answer is already known (`StreamingWriter._write_one` asks the planner)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def resolve_data(self, item):
+        return self.data
+
+
 def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results) -> None:
     """Write `.metadata` for data files that several processes wrote (their WriteResults gathered here)."""
     writer = FileSystemWriter(str(path), sync_files=False, overwrite=True)
@@ -303,6 +356,13 @@ class DCPReader:
             warnings.simplefilter("ignore")
             dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
         return out
+
+    def tensor_bytes(self, key: str) -> int:
+        md = self.metadata.state_dict_metadata[key]
+        n = md.properties.dtype.itemsize
+        for d in md.size:
+            n *= d
+        return n
 
     def missing_bytes(self) -> dict[str, str]:
         """{key: why} for every entry whose bytes are not all there: its data file absent, or shorter than

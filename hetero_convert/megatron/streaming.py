@@ -24,22 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..mappings import TensorMapping, TensorSource, bind
+from ..mappings import DictSource, TensorMapping, TensorSource, bind
 from ..plan import ModelPlan
-
-
-class DictSource:
-    """A `TensorSource` over HF tensors in memory ({name: tensor})."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def dtype_of(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype
-
-    def read_into(self, out: torch.Tensor, name: str, row_start: int, cols: slice | None = None) -> None:
-        t = self.tensors[name][row_start:row_start + out.shape[0]]
-        out.copy_(t[:, cols] if cols is not None else t)
 
 
 def _local_tensors(model) -> dict[str, torch.Tensor]:
