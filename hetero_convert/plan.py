@@ -103,7 +103,7 @@ class ModelPlan:
     torch_dtype: str = "bfloat16"
     # Where the plan came from: "decilm", "decilm-newer", "decilm-7b", "llama".
     source_format: str = "decilm"
-    # Token ids, carried through to the exported config untouched.
+    # Every *_token_id of the source config (bos, eos, pad, unk, ...), carried to exported configs untouched.
     special_tokens: dict = field(default_factory=dict)
 
     # ---- dimensions --------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class _Parser:
         else:
             layers, fmt = self.parse_llama(num_layers, heads), "llama"
 
-        special = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c}
+        special = {k: v for k, v in c.items() if k.endswith("_token_id")}
         return ModelPlan(
             hidden_size=hidden,
             num_attention_heads=heads,

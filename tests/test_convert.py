@@ -1,6 +1,7 @@
 """hf-to-megatron / megatron-to-hf: exact round trips, Megatron layout, and failing closed on bad input."""
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -446,3 +447,47 @@ def test_reshard_refuses_an_infeasible_layout_and_writes_nothing(sources, tmp_pa
     with pytest.raises(LayoutError, match="TP=4"):
         megatron_to_megatron(tmp_path / "a", tmp_path / "b", tp=4)
     assert not (tmp_path / "b").exists()
+
+
+# ---- what travels with the weights ------------------------------------------------------------------------------
+
+
+def test_tokenizer_generation_config_and_token_ids_travel_through_megatron(sources, tmp_path):
+    """A source with a tokenizer, a full generation config, an unk_token_id and transformers-5's `dtype` key
+    comes back with all of them, through megatron-to-megatron too, with no --tokenizer-from."""
+    from hetero_convert.convert import megatron_to_megatron
+
+    src = Path(shutil.copytree(sources["tiny-every-kind"], tmp_path / "src"))
+    (src / "tokenizer.json").write_text('{"model": "tiny"}')
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 3], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["unk_token_id"] = 0
+    cfg["dtype"] = cfg.pop("torch_dtype")
+    (src / "config.json").write_text(json.dumps(cfg))
+
+    hf_to_megatron(src, tmp_path / "meg", tp=2)
+    desc = json.loads((tmp_path / "meg" / "release" / "hetero_convert.json").read_text())
+    assert sorted(desc["hf_files"]["files"]) == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert desc["hf_files"]["from"] == str(src)
+    megatron_to_megatron(tmp_path / "meg", tmp_path / "meg2", pp=2)
+    s = megatron_to_hf(tmp_path / "meg2", tmp_path / "back")
+    assert not any("tokenizer" in w for w in s.warnings)
+    back = tmp_path / "back"
+    assert (back / "tokenizer.json").read_text() == '{"model": "tiny"}'
+    assert (back / "tokenizer_config.json").read_text() == '{"model_max_length": 4096}'
+    assert json.loads((back / "generation_config.json").read_text()) == gen
+    written = json.loads((back / "config.json").read_text())
+    assert written["unk_token_id"] == 0 and written["dtype"] == "bfloat16" and "torch_dtype" not in written
+
+
+def test_no_tokenizer_is_said_plainly(sources, tmp_path):
+    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg")
+    s = megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    assert any(w.startswith("no tokenizer written") for w in s.warnings)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    umask = os.umask(0)
+    os.umask(umask)
+    # Shards are readable by everyone the umask allows, like the other files (not 0600 like a temp file).
+    assert (tmp_path / "back" / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~umask

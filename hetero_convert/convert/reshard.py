@@ -10,6 +10,7 @@ each appended to its rank's file (`__{rank}_{k}.distcp`, k per writer thread).
 from __future__ import annotations
 
 import copy
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch
 
 from .. import dtypes
 from ..io.dcp import DCPReader, extra_state_payload
-from ..io.megatron_checkpoint import ITERATION_DIR, iteration_dir, read_description, read_plan, \
+from ..io.megatron_checkpoint import HF_FILES_DIR, ITERATION_DIR, iteration_dir, read_description, read_plan, \
     write_description, write_megatron_files
 from ..layout import require_layout
 from ..mappings import DictSource, TensorMapping, bind
@@ -102,7 +103,10 @@ class ReshardJob:
         return desc
 
     def write_description(self, root: Path) -> None:
-        write_description(Path(root) / ITERATION_DIR, self.description())
+        it_dir = Path(root) / ITERATION_DIR
+        if (self.it_dir / HF_FILES_DIR).is_dir():  # the source's tokenizer and generation config travel along
+            shutil.copytree(self.it_dir / HF_FILES_DIR, it_dir / HF_FILES_DIR)
+        write_description(it_dir, self.description())
         write_megatron_files(Path(root))
 
     def finish_summary(self, t0: float, files: int) -> Summary:

@@ -20,8 +20,9 @@ import torch
 from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader
-from ..io.hf_checkpoint import ShardedWriter, copy_tokenizer, plan_shards, write_config, write_generation_config
-from ..io.megatron_checkpoint import NON_MODEL_PREFIXES, iteration_dir, read_plan
+from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, has_tokenizer, plan_shards, \
+    write_config, write_generation_config
+from ..io.megatron_checkpoint import HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, read_description, read_plan
 from ..mappings import TensorMapping, bind
 from .common import ErrorSink, Summary, check_finite, parse_size
 
@@ -81,7 +82,11 @@ class ToHFJob:
         self.maps = bind(self.plan)
         check_megatron_keys(self.reader, self.maps)
         self.stored = self.reader.tensor_keys()
-        self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else None
+        self.description = read_description(self.it_dir) or {}
+        carried = self.it_dir / HF_FILES_DIR
+        # The tokenizer: the one given, else the one the checkpoint carries from its HF source.
+        self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else (carried if has_tokenizer(carried) else None)
+        self.generation_config = carried / GENERATION_CONFIG
         self.shard_layout, self.shards = plan_hf_shards(self.maps, self.dtype_of, parse_size(max_shard_size))
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
         self.lock = threading.Lock()
@@ -149,13 +154,17 @@ class ToHFJob:
 
     def write_metadata(self, tmp: Path) -> None:
         """Everything but the shards: the index (when sharded), config.json, generation config, remote code,
-        and the tokenizer when one was given."""
+        and the tokenizer (given, or carried from the HF source); a missing tokenizer is a warning."""
         ShardedWriter(tmp, self.shard_layout, open_shards=[]).write_index()
         out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype
-        write_config(tmp, self.plan, out_dtype)
-        write_generation_config(tmp, self.plan)
-        if self.tokenizer_from is not None and not copy_tokenizer(self.tokenizer_from, tmp):
-            raise ConversionError(f"--tokenizer-from {self.tokenizer_from}: no tokenizer files found there")
+        source_config = (self.description.get("source") or {}).get("source_config")
+        write_config(tmp, self.plan, out_dtype, source_config)
+        write_generation_config(tmp, self.plan, self.generation_config)
+        if self.tokenizer_from is None:
+            self.sink.warn("no tokenizer written: the checkpoint carries none (its source had none, or it was not "
+                           "made by hf-to-megatron); pass tokenizer_from (--tokenizer-from DIR) to add one")
+        elif not copy_tokenizer(self.tokenizer_from, tmp):
+            raise ConversionError(f"tokenizer_from {self.tokenizer_from}: no tokenizer files found there")
 
     def finish_summary(self, t0: float) -> Summary:
         self.summary.tensors = sum(len(m.hf) for m in self.maps)

@@ -19,8 +19,9 @@ from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import bytes_item, extra_state_payload, tensor_item
 from ..io.hf_reader import HFCheckpoint
-from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, ITERATION_DIR, write_description, \
-    write_megatron_files
+from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
+from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, HF_FILES_DIR, ITERATION_DIR, \
+    write_description, write_megatron_files
 from ..layout import require_layout
 from ..mappings import TensorMapping, bind, ignored_hf_key
 from ..plan import load_config, load_plan
@@ -125,8 +126,14 @@ class ToMegatronJob:
         }
 
     def write_description(self, root: Path, checksums: dict) -> None:
-        """Everything but the data files: description, common.pt, metadata.json (last) and the tracker."""
-        write_description(Path(root) / ITERATION_DIR, self.description(checksums))
+        """Everything but the data files: the source's tokenizer and generation config, the description,
+        common.pt, metadata.json (last) and the tracker."""
+        it_dir = Path(root) / ITERATION_DIR
+        carried = carry_files(self.hf_dir, it_dir / HF_FILES_DIR) if (
+            has_tokenizer(self.hf_dir) or (self.hf_dir / GENERATION_CONFIG).is_file()) else []
+        desc = self.description(checksums)
+        desc["hf_files"] = {"dir": HF_FILES_DIR, "files": carried, "from": str(self.hf_dir)}
+        write_description(it_dir, desc)
         write_megatron_files(Path(root))
 
     def finish_summary(self, t0: float, files: int) -> Summary:

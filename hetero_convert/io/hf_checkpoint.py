@@ -31,6 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # The files whose presence means "this directory has a tokenizer" (the others only accompany one).
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
+GENERATION_CONFIG = "generation_config.json"
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # (key, dtype, shape)
 
 
@@ -118,9 +119,17 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def write_config(out: str | Path, plan, dtype: torch.dtype, extra: dict | None = None) -> dict:
+def dtype_key(source_config: dict | None) -> str:
+    """Which key names the dtype: the source's own spelling ("dtype" since transformers 5, "torch_dtype" before
+    and in every released Nemotron config, which transformers 5 still reads)."""
+    if source_config and "dtype" in source_config and "torch_dtype" not in source_config:
+        return "dtype"
+    return "torch_dtype"
+
+
+def write_config(out: str | Path, plan, dtype: torch.dtype, source_config: dict | None = None) -> dict:
     """config.json (and the remote code when it is a DeciLM config): a Llama that went in comes back as a
-    Llama, everything else as DeciLM. `extra` keys (e.g. from the source config) are added. Returns it."""
+    Llama, everything else as DeciLM; the dtype under the source's key. Returns it."""
     from ..remote_code import write_remote_code
 
     out = Path(out)
@@ -128,14 +137,28 @@ def write_config(out: str | Path, plan, dtype: torch.dtype, extra: dict | None =
     if cfg is None:
         cfg = plan.hf_config()
         cfg["auto_map"] = write_remote_code(out)
-    cfg["torch_dtype"] = config_name(dtype)
-    cfg.update(extra or {})
+    cfg.pop("torch_dtype", None)
+    cfg[dtype_key(source_config)] = config_name(dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 
 
-def write_generation_config(out: str | Path, plan, source: dict | None = None) -> None:
-    """generation_config.json: the source's own when given, else the special token ids of the plan."""
-    gen = dict(source) if source else {
-        k: v for k, v in plan.special_tokens.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (Path(out) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+def write_generation_config(out: str | Path, plan, source: str | Path | None = None) -> None:
+    """generation_config.json: the source's own file when there is one (all its keys), else the plan's
+    bos/eos/pad token ids."""
+    if source is not None and Path(source).is_file():
+        shutil.copy2(source, Path(out) / GENERATION_CONFIG)
+        return
+    gen = {k: v for k, v in plan.special_tokens.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (Path(out) / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def carry_files(src: str | Path, dst: str | Path) -> list[str]:
+    """The files of a HF checkpoint that are not weights and that a Megatron checkpoint keeps for the way back:
+    the tokenizer and the generation config. Returns the names copied."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    names = copy_tokenizer(src, dst)
+    if (Path(src) / GENERATION_CONFIG).is_file():
+        shutil.copy2(Path(src) / GENERATION_CONFIG, Path(dst) / GENERATION_CONFIG)
+        names.append(GENERATION_CONFIG)
+    return names

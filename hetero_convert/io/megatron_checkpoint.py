@@ -8,6 +8,8 @@
       hetero_convert.json                  our description (plan, layout, dtype, source record): written by
                                            hf-to-megatron; a training run's checkpoint has none, and its plan
                                            is rebuilt from the args in its common state
+      hf/                                  the source's tokenizer files and generation_config.json, kept for
+                                           the way back (megatron-core ignores the folder)
 
 `read_plan` accepts both. Writing: data files first, then the description, common.pt and metadata.json last
 (megatron treats the directory as a checkpoint only once metadata.json exists), then the tracker.
@@ -22,6 +24,7 @@ from ..errors import CheckpointError, ConversionError
 from ..plan import ModelPlan, load_plan
 
 DESCRIPTION_FILE = "hetero_convert.json"
+HF_FILES_DIR = "hf"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 ITERATION_DIR = "release"
 DESCRIPTION_FORMAT = "hetero_convert.megatron"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -76,12 +75,11 @@ def export_checkpoint(parent: ParentModel, calib: Calibration | None, plan: Mode
             raise
         writer.write_index()
         tokenizer_from = parent.dir if has_tokenizer(parent.dir) else None
-        write_config(tmp, plan, dtype)
-        write_generation_config(tmp, plan)
+        parent_config = parent.dir / "config.json"
+        write_config(tmp, plan, dtype, json.loads(parent_config.read_text()) if parent_config.is_file() else None)
+        write_generation_config(tmp, plan, parent.dir / "generation_config.json")
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, tmp)
-        if (parent.dir / "generation_config.json").is_file():
-            shutil.copy2(parent.dir / "generation_config.json", tmp / "generation_config.json")
         if carried_scores is not None:
             (tmp / SCORES_FILE).write_text(carried_scores)
         if report is not None:
