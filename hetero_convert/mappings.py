@@ -218,6 +218,35 @@ class TensorMapping:
             pos += b - a
         return out
 
+    def read_chunks(self, source: TensorSource, chunks: list[Chunk], dtype: torch.dtype,
+                    block_bytes: int = 32 << 20) -> list[torch.Tensor]:
+        """Several chunks of this tensor at once. Column chunks (row-parallel weights at TP > 1) are cut from
+        blocks of whole rows read once, sequentially: reading each chunk's columns row by row would mean one
+        small read per row per chunk. Other chunks are contiguous row ranges, read straight into place."""
+        if self.tp_rule != "cols" or len(chunks) < 2:
+            return [self.read_chunk(source, c, dtype) for c in chunks]
+        outs = [torch.empty(tuple(c.sizes), dtype=dtype) for c in chunks]
+        cols = self.shape[1]
+        pos = 0
+        for seg, a, b in self.pieces(0, self.shape[0]):
+            if seg.source is None:
+                for out in outs:
+                    out[pos:pos + b - a].zero_()
+            else:
+                name = self.hf[seg.source]
+                src_dtype = source.dtype_of(name)
+                step = max(1, block_bytes // (cols * src_dtype.itemsize))
+                buf = torch.empty((min(step, b - a), cols), dtype=src_dtype)
+                for r0 in range(a, b, step):
+                    n = min(step, b - r0)
+                    block = buf[:n]
+                    source.read_into(block, name, r0)
+                    at = pos + r0 - a
+                    for out, c in zip(outs, chunks):
+                        out[at:at + n].copy_(block[:, c.offsets[1]:c.offsets[1] + c.sizes[1]])
+            pos += b - a
+        return outs
+
     def read_local(self, source: TensorSource, tp: int, tp_rank: int, dtype: torch.dtype) -> torch.Tensor:
         """What rank `tp_rank` of a run at `tp` holds of this tensor, read from HF tensors."""
         parts = [self.read_chunk(source, c, dtype) for c in self.local_chunks(tp, tp_rank)]

@@ -20,7 +20,7 @@ def fail_after(fn):
     return wrapped
 
 
-driver.write_checkpoint = fail_after(driver.write_checkpoint)  # hf-to-megatron: after this rank's data files
+driver.write_groups = fail_after(driver.write_groups)  # hf-to-megatron: after this process's data files
 ToHFJob.write_shards = fail_after(ToHFJob.write_shards)  # megatron-to-hf: after this rank's shards
 
 if __name__ == "__main__":

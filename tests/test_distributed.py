@@ -17,7 +17,8 @@ import torch
 
 from hetero_convert.convert import hf_to_megatron, megatron_to_hf
 from hetero_convert.demo import compare_checkpoints
-from hetero_convert.convert.assign import assign_megatron, plan_conversion
+from hetero_convert.convert.assign import plan_conversion
+from hetero_convert.mappings import bind as bind_all
 from hetero_convert.packing import balance
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.mappings import expected_hf_keys
@@ -67,6 +68,22 @@ def assert_same_tree(a: Path, b: Path):
         assert filecmp.cmp(a / n, b / n, shallow=False), n
 
 
+def assert_files_hold_their_rank(it_dir: Path, tp: int):
+    """Every chunk lies in a file named for the Megatron rank that owns it (rank = stage * TP + TP rank)."""
+    from hetero_convert.io.megatron_checkpoint import read_plan
+    from hetero_convert.mappings import bind
+
+    maps = {m.megatron: m for m in bind(read_plan(it_dir), tp=tp, pp=json.loads(
+        (it_dir / "hetero_convert.json").read_text())["pipeline_parallel"])}
+    md = DCPReader(it_dir).metadata
+    for index, info in md.storage_data.items():
+        m = maps.get(index.fqn)
+        if m is None:  # an extra-state object: written with its tensor's TP rank 0
+            continue
+        rank = m.stage * tp + next(c.tp_rank for c in m.chunks(tp) if tuple(c.offsets) == tuple(index.offset))
+        assert info.relative_path.startswith(f"__{rank}_"), (index, info.relative_path)
+
+
 def assert_no_output(out: Path):
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.iterdir())
@@ -76,9 +93,9 @@ def assert_no_output(out: Path):
 
 
 @pytest.mark.parametrize("nproc,name,tp,pp", [
-    (2, "tiny-every-kind", 2, 2),  # 4 Megatron ranks over 2 processes: whole ranks, Megatron's file names
-    (4, "tiny-ultra-kinds", 1, 2),  # 2 Megatron ranks over 4 processes: split chunk by chunk
-    (2, "tiny-llama", 1, 1),  # 1 Megatron rank: chunk by chunk, a Llama comes back a Llama
+    (2, "tiny-every-kind", 2, 2),  # 4 Megatron ranks over 2 processes
+    (4, "tiny-ultra-kinds", 1, 2),  # 2 Megatron ranks over 4 processes
+    (2, "tiny-llama", 1, 1),  # 1 Megatron rank; a Llama comes back a Llama
 ])
 def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, pp):
     src = sources[name]
@@ -90,11 +107,11 @@ def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, 
     summary = json.loads(r.stdout)  # rank 0 alone prints it
     assert summary["layout"]["processes"] == nproc
     assert_same_megatron(tmp_path / "meg1", tmp_path / "megN")
+    # Whole tensors go to processes, and each process writes its own files per Megatron rank: every process
+    # wrote, and every file holds the chunks of exactly the rank its name says.
     files = sorted(p.name for p in (tmp_path / "megN" / "release").glob("*.distcp"))
-    if plan_conversion(src, nproc, tp=tp, pp=pp)["granularity"] == "megatron-rank":
-        assert files == sorted(p.name for p in (tmp_path / "meg1" / "release").glob("*.distcp"))
-    else:  # chunk by chunk: every process wrote its own tagged files
-        assert all("_p" in f for f in files) and len({f.split("_p")[1][0] for f in files}) == nproc
+    assert {f.split("_p")[1].split("_")[0] for f in files} == {str(p) for p in range(nproc)}
+    assert_files_hold_their_rank(tmp_path / "megN" / "release", tp)
 
     r = torchrun(nproc, "megatron-to-hf", tmp_path / "megN", tmp_path / "hfN", "--max-shard-size", "300KB")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -132,28 +149,20 @@ def test_balance_is_largest_first_and_deterministic():
     assert bins == balance(costs, 3)
 
 
-def test_megatron_ranks_balanced_by_bytes_not_count():
-    # One heavy rank (an FFN-heavy stage) and six light ones: counts would pair it with three of them.
-    read = [[60]] + [[10]] * 6
-    shares = assign_megatron(read, read, 2)
-    assert [s.ranks for s in shares] == [[0], [1, 2, 3, 4, 5, 6]] and not any(s.subset for s in shares)
-    # Whole ranks that cannot be spread evenly (3 equal ranks over 2 processes) are split chunk by chunk.
-    read = [[5, 5]] * 3
-    shares = assign_megatron(read, read, 2)
-    assert not any(s.ranks for s in shares) and [s.read_bytes for s in shares] == [15, 15]
-    # Fewer ranks than processes: chunks are spread, each exactly once.
-    read = [[50, 30, 20, 0], [40]]
-    shares = assign_megatron(read, read, 3)
-    got = sorted((r, i) for s in shares for r, idx in s.subset.items() for i in idx)
-    assert got == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)] and not any(s.ranks for s in shares)
-    assert sorted(s.read_bytes for s in shares) == [40, 50, 50]  # 50 | 40 | 30+20+0
+def test_tensors_balanced_by_bytes_not_count():
+    """Ultra-253B puts 425,984-wide FFNs beside dummy layers: processes get tensors by bytes."""
+    plan = load_plan(SUPER_49B)
+    d = plan_conversion(SUPER_49B, 8, tp=8)
+    counts = [r["tensors"] for r in d["per_rank"]]
+    assert sum(counts) == len(bind_all(plan)) and max(counts) > 2 * min(counts)  # very unequal counts...
+    assert d["max_over_mean"] < 1.01  # ...equal bytes
 
 
 def test_plan_convert_full_size_without_weights():
     plan = load_plan(SUPER_49B)
     hf_bytes = 2 * sum(torch.Size(s).numel() for s in expected_hf_keys(plan).values())
     d = plan_conversion(SUPER_49B, 4, tp=8, pp=2)
-    assert d["granularity"] == "megatron-rank" and d["megatron_ranks"] == 16
+    assert d["granularity"] == "tensor" and d["megatron_ranks"] == 16
     assert d["total_read_bytes"] == hf_bytes  # every source byte read exactly once across the job
     assert d["max_over_mean"] < 1.01
     d = plan_conversion(SUPER_49B, 16, direction="megatron-to-hf")

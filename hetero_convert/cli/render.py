@@ -90,12 +90,7 @@ def print_plan_conversion(d: dict) -> None:
     for col in ("rank", "assigned", "reads", "writes"):
         t.add_column(col, justify="left" if col == "assigned" else "right")
     for r in d["per_rank"]:
-        if "shards" in r:
-            what = f"shards {_ranges(r['shards'])}"
-        elif "megatron_ranks" in r:
-            what = f"Megatron ranks {_ranges(r['megatron_ranks'])}"
-        else:
-            what = "chunks of Megatron ranks " + ", ".join(f"{k}:{n}" for k, n in r["chunks_of_megatron_ranks"].items())
+        what = f"shards {_ranges(r['shards'])}" if "shards" in r else f"{r['tensors']} tensors, all their chunks"
         t.add_row(str(r["rank"]), what, human_bytes(r["read_bytes"]), human_bytes(r["write_bytes"]))
     console.print(t)
     console.print(f"total: reads {human_bytes(d['total_read_bytes'])}, writes {human_bytes(d['total_write_bytes'])} "

@@ -1,10 +1,10 @@
 """Who does what in a conversion over P processes: bytes read and written per unit of work, and a byte-balanced
 assignment that every process computes identically (so no plan has to be sent around).
 
-  hf-to-megatron: the simulated Megatron ranks go whole to processes, so the files are named as a Megatron run
-    would name them (`__{rank}_{k}.distcp`). With fewer Megatron ranks than processes, or when whole ranks would
-    leave one process more than 5% above the mean, single chunks are spread instead, and process p writes its
-    part of rank r into `__{r}_p{p}_{k}.distcp` (DCP finds data through `.metadata`, never by file name).
+  hf-to-megatron and megatron-to-megatron: whole Megatron tensors (all their TP chunks, made from one read of
+    their source) go to processes; each chunk is appended to a file of its Megatron rank, `__{rank}_{k}.distcp`
+    (k per writer thread), or `__{rank}_p{p}_{k}.distcp` when several processes write (DCP finds data through
+    `.metadata`, never by file name; a rank's files hold only that rank's chunks).
   megatron-to-hf: whole safetensors shards go to processes.
 `plan_conversion` answers the same question from a config alone, for `hetero-convert plan-convert`.
 """
@@ -12,71 +12,28 @@ assignment that every process computes identically (so no plan has to be sent ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from .. import dtypes
 from ..errors import ConversionError
-from ..io.dcp import extra_state_payload
 from ..layout import require_layout
 from ..mappings import bind
 from ..packing import balance
 from .common import parse_size
 from .to_hf import plan_hf_shards
-from .to_megatron import megatron_write_items
-
-EXTRA_STATE_BYTES = len(extra_state_payload().getbuffer())
-# Whole Megatron ranks per process (Megatron's own file names) while the busiest process stays within 5% of
-# the mean; beyond that, chunk by chunk.
-WHOLE_RANK_SLACK = 1.05
+from .to_megatron import TensorGroups, megatron_write_items
 
 
-@dataclass
-class MegatronShare:
-    """What one process writes in hf-to-megatron: whole Megatron ranks, or items of ranks."""
 
-    ranks: list[int] = field(default_factory=list)
-    subset: dict[int, list[int]] = field(default_factory=dict)
-    read_bytes: int = 0
-    write_bytes: int = 0
-
-
-def item_costs(items_per_rank, lookup, src_itemsize) -> tuple[list[list[int]], list[list[int]]]:
-    """Bytes read and written per write item, per Megatron rank."""
-    read, write = [], []
-    for items in items_per_rank:
-        r, w = [], []
-        for it in items:
-            if it.type.name == "BYTE_IO":
-                r.append(0)
-                w.append(EXTRA_STATE_BYTES)
-                continue
-            m, c = lookup[(it.index.fqn, tuple(it.index.offset))]
-            r.append(m.chunk_read_bytes(c, src_itemsize(m)))
-            w.append(math.prod(c.sizes) * it.tensor_data.properties.dtype.itemsize)
-        read.append(r)
-        write.append(w)
-    return read, write
-
-
-def assign_megatron(read: list[list[int]], write: list[list[int]], processes: int) -> list[MegatronShare]:
-    """Megatron ranks to processes by bytes read + written; chunk by chunk when ranks are fewer, or when whole
-    ranks cannot be spread evenly (8 equal ranks over 3 processes: 3/3/2, the busiest 12% above the mean)."""
-    if len(read) >= processes:
-        costs = [sum(r) + sum(w) for r, w in zip(read, write)]
-        bins = balance(costs, processes)
-        loads = [sum(costs[r] for r in b) for b in bins]
-        if max(loads) <= WHOLE_RANK_SLACK * sum(loads) / processes:
-            return [MegatronShare(ranks=b, read_bytes=sum(sum(read[r]) for r in b),
-                                  write_bytes=sum(sum(write[r]) for r in b)) for b in bins]
-    shares = [MegatronShare() for _ in range(processes)]
-    flat = [(r, i) for r in range(len(read)) for i in range(len(read[r]))]
-    for p, picked in enumerate(balance([read[r][i] + write[r][i] for r, i in flat], processes)):
-        for k in picked:
-            r, i = flat[k]
-            shares[p].subset.setdefault(r, []).append(i)
-            shares[p].read_bytes += read[r][i]
-            shares[p].write_bytes += write[r][i]
-    return shares
+def tensor_costs(job) -> list[int]:
+    """Bytes read and written per Megatron tensor (one group of write items each): the unit of work of
+    hf-to-megatron and megatron-to-megatron over several processes."""
+    maps = {m.megatron: m for m in job.maps}
+    out = []
+    for group in job.grouped.groups:
+        chunked = [it for it in group if it.type.name != "BYTE_IO"]
+        m = maps[chunked[0].index.fqn]
+        out.append(job.read_bytes(m) + job.grouped.write_bytes(group))
+    return out
 
 
 def hf_shard_costs(shards, megatron_bytes, out_itemsize) -> tuple[list[int], list[int]]:
@@ -109,18 +66,15 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
     per = []
     if direction == "hf-to-megatron":
         maps = bind(plan, tp, pp)
-        items, lookup = megatron_write_items(maps, tp, pp, lambda m: out)
-        read, write = item_costs(items, lookup, lambda m: src.itemsize)
-        shares = assign_megatron(read, write, processes)
-        report["granularity"] = "chunk" if any(s.subset for s in shares) else "megatron-rank"
+        items, _ = megatron_write_items(maps, tp, pp, lambda m: out)
+        groups = TensorGroups(maps, items).groups
+        read = [sum(math.prod(s) for s in m.hf_shapes) * src.itemsize for m in maps]
+        write = [TensorGroups.write_bytes(g) for g in groups]
+        report["granularity"] = "tensor"
         report["megatron_ranks"] = len(items)
-        for p, s in enumerate(shares):
-            row = {"rank": p, "read_bytes": s.read_bytes, "write_bytes": s.write_bytes}
-            if s.subset:
-                row["chunks_of_megatron_ranks"] = {str(r): len(v) for r, v in sorted(s.subset.items())}
-            else:
-                row["megatron_ranks"] = s.ranks
-            per.append(row)
+        for p, picked in enumerate(balance([r + w for r, w in zip(read, write)], processes)):
+            per.append({"rank": p, "tensors": len(picked), "read_bytes": sum(read[k] for k in picked),
+                        "write_bytes": sum(write[k] for k in picked)})
     elif direction == "megatron-to-hf":
         stored = {m.megatron: m for m in bind(plan, tp, 1)}  # stored shapes: vocab padded for this TP
         maps = bind(plan)

@@ -16,7 +16,6 @@ HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -27,12 +26,12 @@ import torch.distributed as dist
 
 from ..errors import JobFailed
 from ..io.checksums import FileHashes
-from ..io.dcp import ByteBudget, finish_metadata, write_checkpoint, write_groups
+from ..io.dcp import ByteBudget, finish_metadata, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import Staging
 from ..launch import world as launch_world
 from ..packing import balance
-from .assign import assign_megatron, hf_shard_costs, item_costs
+from .assign import hf_shard_costs, tensor_costs
 from .common import Summary
 from .reshard import ReshardJob
 from .to_hf import ToHFJob
@@ -131,16 +130,15 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
     t0 = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
-        job, share, files, mine = None, None, [], []
+        job, files, mine, hashed = None, [], [], []
 
         def setup():
-            nonlocal job, share, files, mine
+            nonlocal job, files, mine, hashed
             job = ToMegatronJob(hf_dir, out_dir, tp, pp, dtype, strict, progress)
             # The same inputs on every process give the same assignment: nothing to send around.
-            read, write = item_costs(job.items, job.lookup, lambda m: job.src_dtype[m.megatron].itemsize)
-            share = assign_megatron(read, write, comm.world)[comm.rank]
+            mine = balance(tensor_costs(job), comm.world)[comm.rank]
             files = job.ckpt.files()
-            mine = balance([f.stat().st_size for f in files], comm.world)[comm.rank] if checksums else []
+            hashed = balance([f.stat().st_size for f in files], comm.world)[comm.rank] if checksums else []
             if comm.rank == 0:
                 (stage.begin() / ITERATION_DIR).mkdir()
                 return str(stage.tmp)
@@ -154,25 +152,28 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
         def work():
             started = checksums if isinstance(checksums, FileHashes) and comm.world == 1 else None
-            hashes = started or FileHashes(files[i] for i in mine)
+            hashes = started or FileHashes(files[i] for i in hashed)
+            groups = job.grouped.groups
             try:
-                _, results = write_checkpoint(tmp / ITERATION_DIR, job.items, job.resolve, threads=workers,
-                                              after_rank=lambda r: job.sink.raise_if_any(), ranks=share.ranks,
-                                              subset=share.subset, file_tag=f"p{comm.rank}_",
-                                              write_metadata=False)
+                # A tensor in flight costs its chunks (all of them, for column chunks cut from whole rows).
+                largest = max(job.grouped.write_bytes(g) for g in groups)
+                results = write_groups(tmp / ITERATION_DIR, [groups[g] for g in mine], job.produce,
+                                       job.grouped.rank_of, threads=workers,
+                                       file_tag=f"p{comm.rank}_" if comm.world > 1 else "",
+                                       budget=ByteBudget(largest) if workers > 1 else None)
                 job.sink.raise_if_any()
-                sums = hashes.results(files[i] for i in mine)
+                sums = hashes.results(files[i] for i in hashed)
             finally:
                 hashes.close()
             return {"results": results, "sha256": sums, "chunks": job.summary.chunks,
                     "bytes_written": job.summary.bytes_written, "warnings": job.sink.warnings}
 
         parts = agree(comm, "converting its share", work, stage.cleanup)
-        results = [res for p in parts for res in p["results"]]
+        results = [r for p in parts for r in p["results"]]
 
         def finish():
             if comm.rank == 0:
-                finish_metadata(tmp / ITERATION_DIR, job.items, results)
+                finish_metadata(tmp / ITERATION_DIR, job.items, [results])
                 sums = {name: h for p in parts for name, h in p["sha256"].items()}
                 job.write_description(tmp, {f.name: sums[f.name] for f in files if f.name in sums})
                 stage.commit()
@@ -180,7 +181,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
         agree(comm, "writing the metadata", finish, stage.cleanup)
         _merge_counts(job.summary, parts)
         job.sink.warnings = job.summary.warnings
-        s = job.finish_summary(t0, len({wr.storage_data.relative_path for res in results for wr in res}))
+        s = job.finish_summary(t0, len({r.storage_data.relative_path for r in results}))
         s.layout["processes"] = comm.world
         return s
 
@@ -243,9 +244,7 @@ def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int 
         def setup():
             nonlocal job, mine
             job = ReshardJob(megatron_dir, out_dir, tp, pp, dtype, strict, progress)
-            sizes = [sum(math.prod(it.tensor_data.chunk.sizes) * it.tensor_data.properties.dtype.itemsize
-                         for it in g if it.type.name != "BYTE_IO") for g in job.groups]
-            mine = balance(sizes, comm.world)[comm.rank]
+            mine = balance(tensor_costs(job), comm.world)[comm.rank]
             if comm.rank == 0:
                 (stage.begin() / ITERATION_DIR).mkdir()
                 return str(stage.tmp)
@@ -258,8 +257,8 @@ def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int 
         def work():
             # One source tensor in flight costs it twice (DCP's read and the assembled tensor) plus its chunks.
             largest = max(job.reader.tensor_bytes(m.megatron) for m in job.maps)
-            results = write_groups(tmp / ITERATION_DIR, [job.groups[g] for g in mine], job.produce,
-                                   lambda it: job.rank_of_item[id(it)], threads=workers,
+            results = write_groups(tmp / ITERATION_DIR, [job.grouped.groups[g] for g in mine], job.produce,
+                                   job.grouped.rank_of, threads=workers,
                                    file_tag=f"p{comm.rank}_" if comm.world > 1 else "",
                                    budget=ByteBudget(largest) if workers > 1 else None)
             job.sink.raise_if_any()

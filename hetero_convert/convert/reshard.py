@@ -26,7 +26,7 @@ from ..layout import require_layout
 from ..mappings import DictSource, TensorMapping, bind
 from .common import ErrorSink, Summary, check_finite
 from .to_hf import check_megatron_keys
-from .to_megatron import megatron_write_items
+from .to_megatron import TensorGroups, megatron_write_items
 
 
 class ReshardJob:
@@ -47,19 +47,16 @@ class ReshardJob:
         self.source_description = read_description(self.it_dir)
         self.maps = bind(self.plan, tp, pp)
         self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
-        self.rank_of_item = {id(it): r for r, items in enumerate(self.items) for it in items}
-        by_tensor: dict[str, list] = {m.megatron: [] for m in self.maps}
-        extra_owner = {f"{k}/shard_0_1": m.megatron for m in self.maps for k in m.extra_state}
-        for items in self.items:
-            for it in items:
-                by_tensor[it.index.fqn if it.type.name != "BYTE_IO" else extra_owner[it.index.fqn]].append(it)
-        self.groups = [by_tensor[m.megatron] for m in self.maps]
+        self.grouped = TensorGroups(self.maps, self.items)
         self.by_name = {m.megatron: m for m in self.maps}
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
         self.lock = threading.Lock()
 
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.stored[m.megatron].properties.dtype
+
+    def read_bytes(self, m: TensorMapping) -> int:
+        return self.reader.tensor_bytes(m.megatron)
 
     def total_bytes(self) -> int:
         return sum(m.numel * self.dtype_of(m).itemsize for m in self.maps)

@@ -2,12 +2,13 @@
 
 config.json -> plan -> bound mappings -> every source tensor checked against the plan (before anything is
 written) -> one DCP write item per Megatron chunk, grouped per simulated Megatron rank (TP fastest, then PP),
-so the data files are laid out as a run at that layout writes them -> each chunk read on demand from exactly
-the HF rows and columns it needs.
+so the data files are laid out as a run at that layout writes them -> the chunks of each tensor produced together
+from one read of exactly the HF rows they need.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,28 @@ def megatron_write_items(maps: list[TensorMapping], tp: int, pp: int,
     return items, lookup
 
 
+class TensorGroups:
+    """The write items of a Megatron checkpoint grouped by tensor (its chunks, then its extra-state objects),
+    in model order, with the rank each item belongs to: a group is produced from one read of its source."""
+
+    def __init__(self, maps: list[TensorMapping], items_per_rank: list[list]):
+        self.rank = {id(it): r for r, items in enumerate(items_per_rank) for it in items}
+        by_tensor: dict[str, list] = {m.megatron: [] for m in maps}
+        owner = {f"{k}/shard_0_1": m.megatron for m in maps for k in m.extra_state}
+        for items in items_per_rank:
+            for it in items:
+                by_tensor[it.index.fqn if it.type.name != "BYTE_IO" else owner[it.index.fqn]].append(it)
+        self.groups = [by_tensor[m.megatron] for m in maps]
+
+    def rank_of(self, item) -> int:
+        return self.rank[id(item)]
+
+    @staticmethod
+    def write_bytes(group: list) -> int:
+        return sum(math.prod(it.tensor_data.chunk.sizes) * it.tensor_data.properties.dtype.itemsize
+                   for it in group if it.type.name != "BYTE_IO")
+
+
 class ToMegatronJob:
     """hf_to_megatron's inputs, checked, and the Megatron chunks to write (each process of a distributed job
     builds the same job and writes its share of `items`)."""
@@ -85,32 +108,45 @@ class ToMegatronJob:
         check_hf_sources(self.ckpt, self.maps)
         self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
         self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
+        self.grouped = TensorGroups(self.maps, self.items)
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(hf_dir), str(out_dir))
         self.counter = threading.Lock()
 
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.src_dtype[m.megatron]
 
+    def read_bytes(self, m: TensorMapping) -> int:
+        return sum(self.ckpt.tensors[k].nbytes for k in m.hf)
+
     def total_bytes(self) -> int:
         return self.ckpt.total_bytes()
 
-    def resolve(self, item):
-        """The data of one DCP write item, read when the writer asks for it."""
-        if item.type.name == "BYTE_IO":
-            return extra_state_payload()
-        m, c = self.lookup[(item.index.fqn, tuple(item.index.offset))]
+    def produce(self, group: list):
+        """(item, data) for every item of one tensor's group. A source that cannot be read, or NaN/Inf under
+        `strict`, is recorded and zeros are written, so the rank's files complete and the job then fails
+        naming every problem (they are checked before the commit)."""
+        chunked = [it for it in group if it.type.name != "BYTE_IO"]
+        m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
+        chunks = [self.lookup[(it.index.fqn, tuple(it.index.offset))][1] for it in chunked]
+        dtype = self.dtype_of(m)
         try:
-            t = m.read_chunk(self.ckpt, c, self.dtype_of(m))
-            check_finite(t, f"{m.where}: {m.megatron} (from {', '.join(m.hf)})", self.sink, self.strict)
-        except Exception as e:  # noqa: BLE001 - reported after the rank's files are written
+            tensors = m.read_chunks(self.ckpt, chunks, dtype)
+            for t in tensors:
+                check_finite(t, f"{m.where}: {m.megatron} (from {', '.join(m.hf)})", self.sink, self.strict)
+        except Exception as e:  # noqa: BLE001 - reported after the files are written
             self.sink.error(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
-            t = torch.zeros(c.sizes, dtype=self.dtype_of(m))
-        with self.counter:
-            self.summary.bytes_written += t.numel() * t.element_size()
-            self.summary.chunks += 1
-        if self.progress is not None:
-            self.progress(t.numel() * t.element_size())
-        return t
+            tensors = [torch.zeros(c.sizes, dtype=dtype) for c in chunks]
+        for item, t in zip(chunked, tensors):
+            nbytes = t.numel() * t.element_size()
+            with self.counter:
+                self.summary.bytes_written += nbytes
+                self.summary.chunks += 1
+            if self.progress is not None:
+                self.progress(nbytes)
+            yield item, t
+        for item in group:
+            if item.type.name == "BYTE_IO":
+                yield item, extra_state_payload()
 
     def description(self, checksums: dict) -> dict:
         return {

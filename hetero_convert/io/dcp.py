@@ -1,14 +1,12 @@
-"""torch.distributed.checkpoint (DCP) reads and writes, one tensor chunk at a time.
+"""torch.distributed.checkpoint (DCP) reads and writes, one tensor at a time.
 
-Writing: the items are grouped into one plan per (simulated) Megatron rank, so the data files are laid out as
-a Megatron run at that TP/PP layout would write them (`__{rank}_{k}.distcp`), and each item's data is produced
-on demand by `LazySavePlanner.resolve_data`, so a checkpoint of any size is written while only one chunk per
-writer thread is in memory. DCP's own FileSystemWriter cannot promise that: in torch 2.13 its file loop keeps
-every tensor of a data file referenced until the file is finished (a dict it fills for its safetensors
-variant), so a rank's whole data would sit in memory. `StreamingWriter` therefore replaces only the data-file
-loop: each item is serialised exactly as DCP does (torch.save of the chunk, raw bytes for objects), its
-`WriteResult` recorded, and the chunk released before the next one; the `.metadata` file is still written by
-DCP's own `finish`, and reading goes through DCP unchanged.
+Writing (`write_groups`): the write items come in groups (every chunk of one Megatron tensor), each produced
+together from one read of its source and released once written; every item is appended to a data file of its
+Megatron rank (`__{rank}_{k}.distcp`, one file per rank per writer thread), so a rank's files hold only its
+chunks, as a Megatron run at that layout writes them. Items are serialised exactly as DCP's own writer does
+(torch.save of the chunk, raw bytes for objects); `finish_metadata` then writes `.metadata` through DCP's own
+planner and writer. DCP's FileSystemWriter itself is not used for the data: in torch 2.13 its file loop keeps
+every tensor of a data file referenced until the file is finished, so a rank's whole data would sit in memory.
 
 Reading: `DCPReader` loads one key at a time (the whole global tensor, assembled from whatever chunks it was
 saved in), caching the metadata so a thousand keys do not re-read it a thousand times.
@@ -16,6 +14,7 @@ saved in), caching the metadata so a thousand keys do not re-read it a thousand 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -36,14 +35,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import (
-    BytesIOWriteData,
-    SavePlan,
-    SavePlanner,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
+from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from ..packing import balance
@@ -65,29 +57,6 @@ def bytes_item(key: str, nbytes: int) -> WriteItem:
     return WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO, bytes_io_data=BytesIOWriteData(nbytes))
 
 
-class LazySavePlanner(SavePlanner):
-    """Only `resolve_data` is used: we build the plans ourselves and drive the writer directly."""
-
-    def __init__(self, resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
-        self._resolve = resolve
-
-    def resolve_data(self, write_item: WriteItem):
-        return self._resolve(write_item)
-
-    # The SavePlanner interface also asks for these; the write path below never calls them.
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
-        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
-
-    def create_local_plan(self):
-        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
-
-    def create_global_plan(self, all_plans):
-        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
-
-    def finish_plan(self, new_plan):
-        raise NotImplementedError("LazySavePlanner is driven by write_checkpoint, not dcp.save")
-
-
 def _item_bytes(item: WriteItem) -> int:
     if item.type == WriteItemType.BYTE_IO:
         return 0
@@ -95,12 +64,6 @@ def _item_bytes(item: WriteItem) -> int:
     for d in item.tensor_data.chunk.sizes:
         n *= d
     return n
-
-
-def split_by_bytes(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Largest-first into the lightest bin; item order inside a bin follows the model order. No empty bins."""
-    bins = max(1, min(bins, len(items)))
-    return [[items[i] for i in b] for b in balance([_item_bytes(it) for it in items], bins) if b]
 
 
 class ByteBudget:
@@ -127,89 +90,32 @@ class ByteBudget:
             self.cond.notify_all()
 
 
-class StreamingWriter(FileSystemWriter):
-    """FileSystemWriter whose data files are written one item at a time, each released once written."""
-
-    budget: ByteBudget | None = None
-
-    def write_file(self, name: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
-        results = []
-        with open(Path(self.path) / name, "wb") as f:
-            for item in items:
-                held = self.budget.acquire(_item_bytes(item)) if self.budget else 0
-                try:
-                    results.append(self._write_one(f, name, item, planner))
-                finally:
-                    if self.budget:
-                        self.budget.release(held)
-        return results
-
-    @staticmethod
-    def _write_one(f, name: str, item: WriteItem, planner: SavePlanner) -> WriteResult:
-        data = planner.resolve_data(item)
-        offset = f.tell()
-        if item.type == WriteItemType.BYTE_IO:
-            f.write(data.getbuffer())
-        else:
-            torch.save(data, f)  # DCP's torch_save serialisation of one chunk
-        length = f.tell() - offset
-        return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
+def _write_item(f, name: str, item: WriteItem, data) -> WriteResult:
+    """Append one item to an open data file, serialised exactly as DCP's own writer does (torch.save of the
+    chunk, raw bytes for objects), and say where it went."""
+    offset = f.tell()
+    if item.type == WriteItemType.BYTE_IO:
+        f.write(data.getbuffer())
+    else:
+        torch.save(data, f)
+    length = f.tell() - offset
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
 
 
-def write_checkpoint(
-    path: str | Path,
-    items_per_rank: list[list[WriteItem]],
-    resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO],
-    threads: int = 1,
-    after_rank: Callable[[int], None] | None = None,
-    ranks: list[int] | None = None,
-    write_metadata: bool = True,
-    subset: dict[int, list[int]] | None = None,
-    file_tag: str = "",
-):
-    """Write the items of each rank into `__{rank}_{k}.distcp` files and the `.metadata` file.
-
-    `threads` files are written at once. A rank's items go into max(1, threads // ranks) files, so one rank
-    alone still gets every thread. `ranks` restricts the data writing to those ranks (several processes can
-    share one job, each writing its own files); the metadata always describes every rank's items and is
-    written only if `write_metadata`. `after_rank(rank)` runs once each rank's files are complete.
-    `subset` {rank: item indices} writes only those items of a rank (on top of `ranks`), into
-    `__{rank}_{file_tag}{k}.distcp`: when a job has more processes than ranks, several processes share one
-    rank's items and the tag keeps their files apart (DCP finds data through `.metadata`, never by file name).
-    """
-    threads = max(1, threads)
-    writer = StreamingWriter(str(path), sync_files=False, overwrite=True)
-    writer.set_up_storage_writer(True)
-    if threads > 1:
-        largest = max((_item_bytes(it) for items in items_per_rank for it in items), default=0)
-        # 1.5x: the largest chunk may overlap with smaller ones but never with a second largest one; the
-        # process's own ~270 MB (torch, megatron imports) must also fit in the 512 MB + 2x largest bound.
-        writer.budget = ByteBudget(largest + largest // 2)
-    plans = [writer.prepare_local_plan(SavePlan(items)) for items in items_per_rank]
-    plans, metadata = create_default_global_save_plan(plans)
-    plans = writer.prepare_global_plan(plans)
-    planner = LazySavePlanner(resolve)
-    subset = subset or {}
-    whole = [r for r in range(len(plans)) if (ranks is None or r in ranks) and r not in subset]
-    parts = {r: ([plans[r].items[i] for i in subset[r]], f"__{r}_{file_tag}") for r in sorted(subset)}
-    selected = sorted(whole + list(parts))
-    per_rank = max(1, threads // max(1, len(selected)))
-    todo = {r: (plans[r].items, plans[r].storage_data.prefix) for r in whole} | parts
-    tasks = [(rank, f"{todo[rank][1]}{k}.distcp", bucket)
-             for rank in selected for k, bucket in enumerate(split_by_bytes(todo[rank][0], per_rank))]
-    results: list[list[WriteResult]] = []
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = [(rank, pool.submit(writer.write_file, name, bucket, planner)) for rank, name, bucket in tasks]
-        done_ranks: dict[int, list[WriteResult]] = {r: [] for r in selected}
-        for rank, fut in futures:
-            done_ranks[rank] += fut.result()
-        for rank in selected:
-            results.append(done_ranks[rank])
-            if after_rank is not None:
-                after_rank(rank)
-    if write_metadata:
-        writer.finish(metadata, results)
-    return metadata, results
+@contextlib.contextmanager
+def _without_crc32():
+    """torch.save computes a CRC32 of every record it writes (about 40% of its time on a chunk) that no reader
+    checks: torch.load, and so DCP and megatron-core, never verify it. Off while our writers run (the setting
+    is process-wide; torch versions without it are left as they are)."""
+    save = getattr(getattr(getattr(torch.utils, "serialization", None), "config", None), "save", None)
+    if save is None or not hasattr(save, "compute_crc32"):
+        yield
+        return
+    old, save.compute_crc32 = save.compute_crc32, False
+    try:
+        yield
+    finally:
+        save.compute_crc32 = old
 
 
 def write_groups(
@@ -241,7 +147,7 @@ def write_groups(
                         name = f"__{rank}_{file_tag}{t}.distcp"
                         if rank not in files:
                             files[rank] = open(Path(path) / name, "wb")
-                        results.append(StreamingWriter._write_one(files[rank], name, item, _Resolved(data)))
+                        results.append(_write_item(files[rank], name, item, data))
                 finally:
                     if budget:
                         budget.release(held)
@@ -250,19 +156,9 @@ def write_groups(
                 f.close()
         return results
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(run, t, picked) for t, picked in enumerate(shares) if picked]
         return [r for fut in futures for r in fut.result()]
-
-
-class _Resolved:
-    """A planner whose one answer is already known (`StreamingWriter._write_one` asks the planner)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def resolve_data(self, item):
-        return self.data
 
 
 def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results) -> None:
