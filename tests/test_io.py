@@ -115,8 +115,9 @@ def test_file_hashes_close_stops_between_blocks(tmp_path, monkeypatch):
     assert first_block.wait(5)
     hashes.close()
     closed.set()
-    hashes._thread.join(5)
-    assert not hashes._thread.is_alive()
+    for t in hashes._threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in hashes._threads)
     assert blocks == [1 << 12] and hashes._digests == {}
 
 
@@ -137,3 +138,16 @@ def test_writer_keeps_a_tensor_whose_write_failed_pending(tmp_path, monkeypatch)
         w.write(k, tensors[k])
     with pytest.raises(ValueError, match=r"1 tensors were never written \(first: 'a'\)"):
         w.close()
+
+
+def test_file_hashes_of_several_files_on_several_threads(tmp_path):
+    """Several threads hash several files at once; every digest is hashlib's, whatever thread made it."""
+    paths = []
+    for k in range(5):
+        p = tmp_path / f"f{k}"
+        p.write_bytes(bytes([k]) * (3 << 20) + b"tail" * k)
+        paths.append(p)
+    hashes = FileHashes(paths, threads=3)
+    assert len(hashes._threads) == 3
+    got = hashes.results(paths)
+    assert got == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
