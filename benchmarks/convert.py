@@ -1,18 +1,20 @@
-"""Conversion speed and memory against `cp -r`, on synthetic checkpoints with the Super-49B layer layout.
+"""Conversion speed and memory against copying the same bytes, on synthetic checkpoints with the Super-49B
+layer layout (attention-free layers, FFN widths from ffn_mult 5.25 ... 0.5) at a smaller hidden size.
 
-For each size (about 1, 4 and 12 GB in bf16 by default) it writes a checkpoint whose layers follow the
-released Super-49B block_configs (attention-free layers, FFN widths from ffn_mult 5.25 ... 0.5) at a smaller
-hidden size, then, in this order and in the same run:
-  cp -r SRC                         the I/O floor for reading and writing the same bytes
-  hf-to-megatron SRC (TP=1, PP=1)   for each --workers value
-  megatron-to-hf MEG                for each --workers value
-Each conversion runs in its own process; its peak RSS is that child's ru_maxrss. The target is a ratio to
-`cp -r` of at most 1.5 with the best --workers, and peak RSS <= 512 MiB + 2 x the largest single tensor.
-Before each timed step the previous output is written back and the step's source is evicted from the page
-cache (`--evict source`, the default), or the whole page cache is dropped (`--evict all`, root only); the
-table's `evicted` column says which.
+For each size, in this order and in the same run (each step in its own process, the step's source evicted
+from the page cache first, and dirty pages written back):
+  cp -r SRC                          the single-stream copy floor
+  parallel copy (--copy-procs N)     the same bytes copied by N processes at once (dd byte ranges): the floor on
+                                     a many-core machine with a fast disk
+  hf-to-megatron  at every --tp, every --workers, and under torchrun with every --torchrun process count
+  megatron-to-hf  from the checkpoint written at each --tp, likewise
+  megatron-to-megatron  (with --reshard) from the TP=1 checkpoint to each other --tp
+  start-up: a whole conversion of a 1 MB checkpoint (the fixed cost: interpreter, imports, teardown)
+Peak RSS is the child's ru_maxrss (the largest process of a torchrun job); the memory bound is 512 MiB +
+2 x the largest tensor. The table gives each step's seconds and its ratio to both copy floors.
 
-    python benchmarks/convert.py --sizes 1,4,12 --workers 1,2,4 --workdir /tmp/hc_bench
+    python benchmarks/convert.py --sizes 4,12 --tp 1 --workers 1,2
+    python benchmarks/convert.py --sizes 20 --tp 1,8 --workers 8,16 --torchrun 8 --copy-procs 8 --reshard
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,22 +51,19 @@ def scaled_super(hidden: int, layers: int, heads: int) -> dict:
 
 def config_for_gb(target_gb: float) -> dict:
     """Pick hidden size and layer count so the bf16 checkpoint is about target_gb."""
-    for hidden in (1024, 2048, 3072, 4096):
+    for hidden in (1024, 2048, 3072, 4096, 8192):
         heads = hidden // 128
         for layers in range(8, 81):
             cfg = scaled_super(hidden, layers, heads)
-            gb = load_plan(cfg).num_parameters() * 2 / 1e9
-            if gb >= target_gb:
+            if load_plan(cfg).num_parameters() * 2 / 1e9 >= target_gb:
                 return cfg
     return cfg
 
 
 def evict(source: Path, mode: str) -> str:
     """Make the next step read `source` from disk. Dirty pages (the previous step's output) are written back
-    first either way. "source": only the source's pages are dropped (fadvise DONTNEED), so the step reads
-    the checkpoint from disk while programs and libraries stay cached, as cp's own binary does. "all": the
-    whole page cache is dropped (root only), which also makes the converter load ~1 GB of torch libraries
-    from disk. Returns what was done."""
+    first either way. "source": only the source's pages are dropped (fadvise DONTNEED), so programs and
+    libraries stay cached, as cp's own binary does. "all": the whole page cache is dropped (root only)."""
     os.sync()
     if mode == "all":
         try:
@@ -83,78 +82,166 @@ def evict(source: Path, mode: str) -> str:
     return "source"
 
 
-def timed_child(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a child process."""
+def timed_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds (until the output is on disk: the sync is part of the step) and the largest peak RSS
+    (bytes) of the child and its descendants."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
+    os.sync()
     elapsed = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-3000:]}")
+    # Linux reports the largest of the child and of the descendants it reaped (a torchrun job's workers).
     return elapsed, usage.ru_maxrss * 1024
+
+
+def parallel_copy(src: Path, dst: Path, procs: int) -> float:
+    """Copy every file of src to dst with `procs` dd processes at once, each a contiguous byte range of the
+    whole (files split where the ranges fall): the same bytes as cp -r, N streams."""
+    files = sorted(f for f in src.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in files)
+    per = -(-total // procs)
+    jobs, start = [], 0
+    for f in files:
+        size, pos = f.stat().st_size, 0
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as fh:
+            fh.truncate(size)
+        while pos < size:
+            n = min(size - pos, per - (start % per))
+            jobs.append(["dd", f"if={f}", f"of={out}", "bs=4M", "iflag=skip_bytes,count_bytes",
+                         "oflag=seek_bytes", f"skip={pos}", f"seek={pos}", f"count={n}", "conv=notrunc",
+                         "status=none"])
+            pos += n
+            start += n
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=procs) as pool:
+        for rc in pool.map(lambda c: subprocess.run(c).returncode, jobs):
+            assert rc == 0
+    os.sync()
+    return time.perf_counter() - t
 
 
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,4,12", help="checkpoint sizes in GB")
-    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--tp", default="1", help="Megatron TP sizes to convert to and from")
+    ap.add_argument("--workers", default="1,2,4", help="--workers values (any list)")
+    ap.add_argument("--torchrun", default="", help="process counts to also run under torchrun (one node)")
+    ap.add_argument("--torchrun-workers", type=int, default=2, help="--workers of each torchrun process")
+    ap.add_argument("--copy-procs", type=int, default=8, help="processes of the parallel-copy floor")
+    ap.add_argument("--reshard", action="store_true", help="also time megatron-to-megatron from TP=1")
     ap.add_argument("--workdir", default="/tmp/hc_bench")
-    ap.add_argument("--keep", action="store_true", help="keep the generated data")
-    ap.add_argument("--evict", choices=("source", "all"), default="source",
-                    help="before each timed step, drop the source's cached pages or the whole page cache")
+    ap.add_argument("--evict", choices=("source", "all"), default="source")
+    ap.add_argument("--json-out", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "convert.jsonl"))
     args = ap.parse_args()
     work = Path(args.workdir)
     cli = [sys.executable, "-m", "hetero_convert.cli"]
-    rows = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    rows: list[dict] = []
+    sink = open(args.json_out, "a") if args.json_out else None
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if sink:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+    # Start-up: the whole run on a ~1 MB checkpoint, both directions.
+    tiny = write_random_checkpoint("tiny-llama", work / "startup" / "hf")
+    for direction, src in (("hf-to-megatron", tiny), ("megatron-to-hf", work / "startup" / "meg")):
+        out = work / "startup" / ("meg" if direction == "hf-to-megatron" else "back")
+        shutil.rmtree(out, ignore_errors=True)
+        secs, rss = timed_child(cli + [direction, str(src), str(out), "--json"])
+        record({"size_GB": 0.001, "step": f"start-up {direction}", "seconds": round(secs, 2),
+                "peak_rss_MiB": round(rss / 2**20)})
+    shutil.rmtree(work / "startup", ignore_errors=True)
+
     for gb in [float(x) for x in args.sizes.split(",")]:
         root = work / f"{gb:g}GB"
         shutil.rmtree(root, ignore_errors=True)
         cfg = config_for_gb(gb)
         plan = load_plan(cfg)
-        largest = max(torch.tensor([], dtype=torch.bfloat16).element_size() * m.numel for m in bind(plan))
-        largest_hf = max(2 * s[0] * (s[1] if len(s) > 1 else 1) for m in bind(plan) for s in m.hf_shapes)
+        largest = max(2 * m.numel for m in bind(plan, tp=max(ints(args.tp))))
+        bound = 512 * 2**20 + 2 * largest
+        t = time.perf_counter()
         src = write_random_checkpoint(cfg, root / "hf", fast=True, max_shard_bytes=5 * 10**9 // 2)
         size = dir_bytes(src)
+        print(f"# {size / 1e9:.1f} GB written in {time.perf_counter() - t:.0f}s: hidden {plan.hidden_size}, "
+              f"{plan.num_layers} layers", flush=True)
         evicted = evict(src, args.evict)
-        cp_s, _ = timed_child(["cp", "-r", str(src), str(root / "cp")])
+        t = time.perf_counter()
+        subprocess.run(["cp", "-r", str(src), str(root / "cp")], check=True)
+        os.sync()
+        cp_s = time.perf_counter() - t
         shutil.rmtree(root / "cp")
-        for direction in ("hf-to-megatron", "megatron-to-hf"):
-            for w in [int(x) for x in args.workers.split(",")]:
-                out = root / f"out-{direction}-{w}"
-                if direction == "hf-to-megatron":
-                    cmd = cli + [direction, str(src), str(out), "--workers", str(w), "--json"]
-                else:
-                    meg = root / "out-hf-to-megatron-1"
-                    cmd = cli + [direction, str(meg), str(out), "--workers", str(w), "--json"]
-                evict(src if direction == "hf-to-megatron" else root / "out-hf-to-megatron-1", args.evict)
-                secs, rss = timed_child(cmd)
-                bound = 512 * 2**20 + 2 * max(largest, largest_hf)
-                rows.append({
-                    "size_GB": round(size / 1e9, 2), "direction": direction, "workers": w,
-                    "seconds": round(secs, 2), "cp_seconds": round(cp_s, 2), "ratio": round(secs / cp_s, 2),
+        evict(src, args.evict)
+        par_s = parallel_copy(src, root / "pcp", args.copy_procs)
+        shutil.rmtree(root / "pcp")
+        record({"size_GB": round(size / 1e9, 2), "step": "cp -r", "seconds": round(cp_s, 2)})
+        record({"size_GB": round(size / 1e9, 2), "step": f"parallel copy x{args.copy_procs}",
+                "seconds": round(par_s, 2)})
+
+        def step(name: str, cmd: list[str], source: Path, out: Path, keep: bool = False):
+            shutil.rmtree(out, ignore_errors=True)
+            evict(source, args.evict)
+            secs, rss = timed_child(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"} if cmd[:3] == torchrun[:3]
+                                    else None)
+            record({"size_GB": round(size / 1e9, 2), "step": name, "seconds": round(secs, 2),
+                    "vs_cp": round(secs / cp_s, 2), "vs_parallel_copy": round(secs / par_s, 2),
                     "peak_rss_MiB": round(rss / 2**20), "bound_MiB": round(bound / 2**20),
-                    "within_bound": rss <= bound, "largest_tensor_MiB": round(max(largest, largest_hf) / 2**20),
-                    "evicted": evicted,
-                })
-                print(json.dumps(rows[-1]), flush=True)
-                if direction == "megatron-to-hf" or w != 1:
-                    shutil.rmtree(out, ignore_errors=True)
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+                    "within_bound": rss <= bound, "evicted": evicted})
+            if not keep:
+                shutil.rmtree(out, ignore_errors=True)
+
+        megs = {}
+        for tp in ints(args.tp):
+            megs[tp] = root / f"meg-tp{tp}"
+            for k, w in enumerate(ints(args.workers)):
+                step(f"hf-to-megatron TP={tp} workers={w}", cli + ["hf-to-megatron", str(src), str(megs[tp] if k == 0
+                     else root / "out"), "--tp", str(tp), "--workers", str(w), "--json"], src,
+                     megs[tp] if k == 0 else root / "out", keep=k == 0)
+            for n in ints(args.torchrun):
+                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
+                     torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron", str(src),
+                                 str(root / "out"), "--tp", str(tp), "--workers", str(args.torchrun_workers)],
+                     src, root / "out")
+        for tp in ints(args.tp):
+            for w in ints(args.workers):
+                step(f"megatron-to-hf from TP={tp} workers={w}", cli + ["megatron-to-hf", str(megs[tp]),
+                     str(root / "out"), "--workers", str(w), "--json"], megs[tp], root / "out")
+            for n in ints(args.torchrun):
+                step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
+                     torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
+                                 str(root / "out"), "--workers", str(args.torchrun_workers)], megs[tp], root / "out")
+        if args.reshard and 1 in megs:
+            for tp in [t for t in ints(args.tp) if t != 1]:
+                w = max(ints(args.workers))
+                step(f"megatron-to-megatron TP=1 -> TP={tp} workers={w}", cli + ["megatron-to-megatron",
+                     str(megs[1]), str(root / "out"), "--tp", str(tp), "--workers", str(w), "--json"], megs[1],
+                     root / "out")
+        shutil.rmtree(root, ignore_errors=True)
+
     print()
-    head = ["size_GB", "direction", "workers", "seconds", "cp_seconds", "ratio", "peak_rss_MiB", "bound_MiB",
-            "within_bound", "largest_tensor_MiB", "evicted"]
+    head = ["size_GB", "step", "seconds", "vs_cp", "vs_parallel_copy", "peak_rss_MiB", "bound_MiB", "within_bound"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        print("| " + " | ".join(str(r[h]) for h in head) + " |")
-    print(f"\nmachine: {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB;"
-          f" python {sys.version.split()[0]}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
-    _ = resource  # ru_maxrss of children is read through os.wait4 above
+        print("| " + " | ".join(str(r.get(h, "")) for h in head) + " |")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"\nmachine: {os.cpu_count()} cores, {mem:.0f} GiB; python {sys.version.split()[0]}; torch "
+          f"{torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; evict={args.evict}")
 
 
 if __name__ == "__main__":
