@@ -94,3 +94,35 @@ def write_random_checkpoint(
         cfg["auto_map"] = write_remote_code(out)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def train_tokenizer(out_dir: str | Path, vocab_size: int, text: str | None = None) -> None:
+    """A byte-level BPE tokenizer with exactly `vocab_size` ids (<unk>=0, <s>=1, </s>=2, as the bundled configs'
+    bos/eos ids say), trained on Python's own documentation (pydoc_data, shipped with every CPython under the PSF
+    licence), saved the way transformers loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if text is None:
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=4096).save_pretrained(str(out_dir))
+
+
+EXAMPLE = "tiny-every-kind"
+
+
+def write_example(out_dir: str | Path, seed: int = 0) -> Path:
+    """The bundled example: every layer kind (GQA with its own KV heads, linear replacements, removed
+    sub-blocks, a dummy layer, FFN widths that are not multiples of 256), random weights, and a real tokenizer."""
+    out = write_random_checkpoint(EXAMPLE, out_dir, seed=seed, max_shard_bytes=1 << 20)
+    train_tokenizer(out, load_plan(out).vocab_size)
+    return out

@@ -297,6 +297,21 @@ def demo(
         ok = run_demo(Path(workdir) if workdir else Path(tmp), tp, pp, console, verify)
     raise typer.Exit(0 if ok else 1)
 
+@app.command()
+def example(
+    out_dir: Path = typer.Argument(..., help="Directory to write the example HF checkpoint into"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights"),
+):
+    """Write the bundled example: a small HF checkpoint with every layer kind and a real tokenizer."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        fail(f"{out_dir} exists and is not empty")
+    from ..fixtures import write_example
+
+    path = write_example(out_dir, seed=seed)
+    console.print(f"wrote the bundled heterogeneous example (random weights, a tokenizer trained on Python's docs) "
+                  f"to {path}", highlight=False)
+
+
 # ---- plan-convert -------------------------------------------------------------------------------------------
 
 
