@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .io.dcp import ByteBudget, DCPReader, bytes_item, extra_state_payload, tensor_item, write_checkpoint
+from .io.dcp import (
+    ByteBudget, DCPReader, bytes_item, extra_state_payload, read_common_state, tensor_item, write_checkpoint,
+)
 from .io.hf_reader import CheckpointError, HFCheckpoint
 from .io.checksums import FileHashes
 from .io.safetensors_writer import StreamingSafetensorsWriter, pack_in_order
@@ -398,9 +400,8 @@ def read_plan_from_megatron(it_dir: Path) -> ModelPlan:
     desc_path = it_dir / DESCRIPTION_FILE
     if desc_path.is_file():
         return ModelPlan.from_json(json.loads(desc_path.read_text())["plan"])
-    common = it_dir / "common.pt"
-    if common.is_file():
-        state = torch.load(common, map_location="cpu", weights_only=False)
+    state = read_common_state(it_dir)  # common.pt or 0.19's common_state, never unpickled with any global
+    if state is not None:
         args = state.get("args") if isinstance(state, dict) else None
         encoded = getattr(args, "heterogeneous_layers_config_encoded_json", "") if args is not None else ""
         if encoded:
