@@ -15,10 +15,11 @@ A layer with both parts "none" is a dummy layer (Ultra-253B has 81 of them): ide
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config_checks import check_config, read_config_file
 
 GQA, LINEAR, NONE, SWIGLU = "gqa", "linear", "none", "swiglu"
 
@@ -286,10 +287,7 @@ def load_config(path: str | Path) -> dict:
         p = p / "config.json"
     if not p.is_file():
         raise PlanError(f"no config.json at {path}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{p}: not valid JSON ({e})") from e
+    return read_config_file(p)  # a JSON object, bounded, no duplicate keys
 
 
 def load_plan(source: str | Path | dict) -> ModelPlan:
@@ -316,6 +314,7 @@ class _Parser:
         return self.cfg[key]
 
     def plan(self) -> ModelPlan:
+        check_config(self.cfg)  # types and bounds of every field read below, list lengths before any loop
         c = self.cfg
         hidden, heads = int(self.need("hidden_size")), int(self.need("num_attention_heads"))
         num_layers, vocab = int(self.need("num_hidden_layers")), int(self.need("vocab_size"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .hf_index import CheckpointError, quoted, shard_files, strict_json
+from .hf_index import INDEX_FILE, CheckpointError, quoted, shard_files, strict_json
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -144,8 +144,8 @@ class HFCheckpoint:
         if missing_files:
             named = sorted(k for k, v in (weight_map or {}).items() if v in missing_files)
             raise CheckpointError(
-                f"missing shard file(s) {missing_files} named by the index (they hold {len(named)} tensors, "
-                f"e.g. {named[:3]})"
+                f"{self.dir / INDEX_FILE}: missing shard file(s) {missing_files} named by the index (they hold "
+                f"{len(named)} tensors, e.g. {named[:3]})"
             )
         for fname in files:
             for info in parse_header(self.dir / fname):
@@ -157,12 +157,14 @@ class HFCheckpoint:
             absent = sorted(k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f)
             if absent:
                 raise CheckpointError(
-                    f"the index names {len(absent)} tensor(s) that are not in the shard it points to: "
+                    f"{self.dir / INDEX_FILE}: the index names {len(absent)} tensor(s) that are not in the shard "
+                    f"it points to: "
                     + ", ".join(quoted(a, 80) for a in absent[:5])
                 )
             unindexed = sorted(set(self.tensors) - set(weight_map))
             if unindexed:
-                raise CheckpointError(f"shards hold {len(unindexed)} tensor(s) the index does not name: "
+                raise CheckpointError(f"{self.dir / INDEX_FILE}: shards hold {len(unindexed)} tensor(s) the index "
+                                      f"does not name: "
                                       + ", ".join(quoted(u, 80) for u in unindexed[:5]))
 
     # ---- reading ------------------------------------------------------------------------------------------
