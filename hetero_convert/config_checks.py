@@ -81,6 +81,12 @@ def check_config(cfg: object) -> None:
             raise _error(f"config: {key} must be a short string, got {_show(cfg[key])}")
     for key in TOKEN_IDS:
         _token_ids(cfg.get(key), key)
+    # read with a default when absent; an explicit null is neither the default nor a value
+    params = cfg.get("rope_parameters")
+    for key in ("max_position_embeddings", "rms_norm_eps", "rope_theta"):
+        if key in cfg and cfg[key] is None and not (key == "rope_theta" and isinstance(params, dict)
+                                                    and "rope_theta" in params):
+            raise _error(f"config: {key} is null; leave it out for the default or give a value")
     if cfg.get("rms_norm_eps") is not None:
         _positive_float(cfg["rms_norm_eps"], "rms_norm_eps", below=1.0)
     if cfg.get("rope_theta") is not None:
@@ -96,8 +102,9 @@ def check_config(cfg: object) -> None:
             raise _error(f"config: block_configs must be a list, got {type(blocks).__name__}")
         if type(layers) is int and len(blocks) != layers:
             raise _error(f"block_configs has {len(blocks)} blocks but num_hidden_layers is {layers}")
+        hidden = cfg.get("hidden_size")
         for i, block in enumerate(blocks):
-            _block(i, block)
+            _block(i, block, hidden)
     per_layer = cfg.get("num_key_value_heads_per_layer")
     if per_layer is not None and blocks is None:
         if type(per_layer) is not list:
@@ -131,7 +138,7 @@ def _rope(rs: object, key: str) -> None:
         _count(rs["original_max_position_embeddings"], f"{key}.original_max_position_embeddings", MAX_POSITIONS)
 
 
-def _block(i: int, block: object) -> None:
+def _block(i: int, block: object, hidden: int | None) -> None:
     if type(block) is not dict:
         raise _error(f"layer {i}: block config is not a dict: {_show(block)}")
     for part, counts in (("attention", ATTENTION_COUNTS), ("ffn", FFN_COUNTS), ("mlp", FFN_COUNTS)):
@@ -147,7 +154,14 @@ def _block(i: int, block: object) -> None:
             if d.get(key) is not None and type(d[key]) is not bool:
                 raise _error(f"config: layer {i}: {part}.{key} must be true or false, got {_show(d[key])}")
         if part != "attention" and d.get("ffn_mult") is not None:
-            _positive_float(d["ffn_mult"], f"layer {i}: {part}.ffn_mult", below=1e4)
+            mult = _positive_float(d["ffn_mult"], f"layer {i}: {part}.ffn_mult", below=1e4)
+            if type(hidden) is int:
+                from .plan import ffn_mult_to_width
+
+                width = ffn_mult_to_width(mult, hidden)
+                if not 0 < width <= MAX_WIDTH:
+                    raise _error(f"config: layer {i}: {part}.ffn_mult {mult:g} gives an FFN width of {width} at "
+                                 f"hidden_size {hidden}")
 
 
 def read_config_file(path: Path) -> dict:

@@ -397,7 +397,7 @@ class DCPReader:
                 p = self.path / name
                 self._sizes[name] = p.stat().st_size if p.is_file() else None
             if self._sizes[name] is None:
-                raise CheckpointError(f"{self.path}: data file {name} of '{key}' is missing")
+                raise CheckpointError(f"{self.path / METADATA_FILE}: '{key}' is stored in {name}, which is missing")
             if info.offset + info.length > self._sizes[name]:
                 raise CheckpointError(f"{self.path / name}: truncated: the chunk of '{key}' at "
                                       f"{list(chunk.offsets)} needs bytes up to {info.offset + info.length}, the "
@@ -423,7 +423,7 @@ class DCPReader:
         except CheckpointError:
             raise
         except pickle.UnpicklingError as e:
-            raise UnsafePickleError(f"{where}: refused: {weights_only_reason(str(e))}") from None
+            raise UnsafePickleError(f"{where}: {weights_only_reason(str(e))}") from None
         except Exception as e:  # a garbled record: the zip reader's complaint, on one line
             text = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: {text[:200]})") from None

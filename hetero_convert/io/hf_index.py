@@ -23,11 +23,12 @@ class CheckpointError(ValueError):
 
 
 def quoted(text: object, limit: int = 160) -> str:
-    """A name or value from an untrusted file, quoted on one line (control characters escaped) and bounded."""
+    """A name or value from an untrusted file on one line (control characters escaped), bounded: a string in
+    quotes, anything else as its Python literal."""
     s = text if isinstance(text, str) else repr(text)
     s = s.encode("unicode_escape", "backslashreplace").decode("ascii")
     s = s if len(s) <= limit else s[: limit - 3] + "..."
-    return "'" + s.replace("'", "\\'") + "'"
+    return "'" + s.replace("'", "\\'") + "'" if isinstance(text, str) else s
 
 
 def plain_file_name(name: object) -> bool:

@@ -102,8 +102,8 @@ def parse_header(path: Path) -> list[TensorInfo]:
             raise CheckpointError(f"{path.name}: truncated: tensor {quoted(name)} needs bytes up to "
                                   f"{data_start + end} but the file has {size}")
         # the element count stops growing past the data section: a shape of huge numbers is refused cheaply
-        count = 1
-        for d in shape:
+        count = 0 if 0 in shape else 1
+        for d in shape if count else ():
             count *= d
             if count * dtype.itemsize > data_len:
                 break
@@ -183,7 +183,11 @@ class HFCheckpoint:
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""
         info = self.tensors[name]
-        r0, r1, _ = (rows or slice(None)).indices(info.shape[0]) if info.shape else (0, 1, 1)
+        if not info.shape:  # a 0-d tensor: one element, and no rows to select
+            out = torch.empty((), dtype=info.dtype)
+            self.read_into(out, name, 0)
+            return out
+        r0, r1, _ = (rows or slice(None)).indices(info.shape[0])
         width = (cols.indices(info.shape[1])[1] - cols.indices(info.shape[1])[0]) if cols is not None else None
         out = torch.empty((r1 - r0,) + ((width,) if width is not None else tuple(info.shape[1:])), dtype=info.dtype)
         self.read_into(out, name, r0, cols)

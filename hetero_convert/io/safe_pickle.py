@@ -295,7 +295,8 @@ def validate_dcp_metadata(directory: str | Path):
             p = directory / name
             sizes[name] = p.stat().st_size if p.is_file() else None
         if sizes[name] is None:
-            raise CheckpointError(f"{directory}: data file {name} of '{_short(index.fqn)}' is missing")
+            raise CheckpointError(f"{directory / METADATA_FILE}: '{_short(index.fqn)}' is stored in {name}, which "
+                                  f"is missing")
         if info.offset + info.length > sizes[name]:
             raise CheckpointError(f"{directory / name}: truncated: '{_short(index.fqn)}' needs bytes up to "
                                   f"{info.offset + info.length}, the file has {sizes[name]}")
@@ -558,7 +559,7 @@ def load_common(source: str | Path | bytes | bytearray | memoryview | io.IOBase,
             with scope:
                 return torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafePickleError(f"{name}: refused: {weights_only_reason(str(e))}") from None
+            raise UnsafePickleError(f"{name}: {weights_only_reason(str(e))}") from None
         except (OSError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, EOFError, IndexError,
                 OverflowError, MemoryError, RecursionError, UnicodeDecodeError, struct.error) as e:
             first = str(e).splitlines()[0] if str(e) else ""
@@ -575,14 +576,14 @@ class _Nothing:
 
 
 def weights_only_reason(message: str) -> str:
-    """One line out of torch's several-paragraph weights_only refusal: the global, or the unpickler's own
-    complaint."""
+    """One line out of torch's several-paragraph weights_only refusal, starting with "refused": the global
+    the pickle asked for, or the unpickler's own complaint (a garbled record: "Unsupported operand 255")."""
     m = _GLOBAL_RE.search(message)
     if m:
-        return (f"the pickle asks for the global '{_short(m.group(1).rstrip('.'), 120)}', which is not on the "
-                f"allow-list of what Megatron checkpoints hold")
-    for line in message.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return "the pickle " + _short(line.split("WeightsUnpickler error:", 1)[1].strip())
-    lines = [l for l in message.splitlines() if l.strip()]
-    return _short(lines[0] if lines else "unreadable pickle")
+        name = m.group(1).rstrip(".")
+        name = name if "." in name else f"builtins.{name}"  # torch drops the "builtins." it finds
+        return (f"refused: the pickle asks for the global '{_short(name, 120)}', which is not on the allow-list "
+                f"of what Megatron checkpoints hold")
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return f"refused by the weights-only unpickler: {_short(lines[0] if lines else 'unreadable pickle')}"
