@@ -31,14 +31,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
     TensorStorageMetadata,
 )
 
 from hetero_convert.io.dcp import DCPReader, dcp_failures_named, read_common_state
 from hetero_convert.io.hf_index import INDEX_FILE, CheckpointError
 from hetero_convert.io.hf_reader import HFCheckpoint
-from hetero_convert.io.safe_pickle import UnsafePickleError, load_common, load_dcp_metadata, validate_dcp_metadata
+from hetero_convert.io.safe_pickle import (
+    UnsafePickleError,
+    load_common,
+    load_dcp_metadata,
+    validate_dcp_metadata,
+)
 from hetero_convert.plan import PlanError, load_config, load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -718,6 +728,22 @@ def test_common_pt_of_a_training_run_loads_with_the_allow_list(tmp_path, monkeyp
     assert type(loaded["args"].attention_backend).__name__ == "AttnBackend"
     assert loaded["iteration"] == 7 and loaded["rng"].tolist() == [0, 1, 2] and loaded["ns"].a == 1
     assert read_common_state(tmp_path)["iteration"] == 7
+
+
+def test_common_pt_written_with_numpy_1_names_loads():
+    """numpy 2 moved numpy.core to numpy._core; a run saved under numpy 1.x names the old path."""
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    torch.save({"rng": np.arange(3)}, buf)
+    old = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(old, "w") as zout:
+        for name in zin.namelist():  # torch.save pickles with protocol 2: GLOBAL names end in a newline
+            zout.writestr(name, zin.read(name).replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    assert b"numpy.core.multiarray" in old.getvalue()
+    assert load_common(old.getvalue())["rng"].tolist() == [0, 1, 2]
 
 
 def test_finding4_safetensors_header_lies_are_refused(tmp_path):

@@ -300,7 +300,7 @@ class _CachedReader(FileSystemReader):
             md = load_dcp_metadata(Path(self.path) / name)
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = self.load_id  # as DCP's own read_metadata does
+            md.storage_meta.load_id = getattr(self, "load_id", None)  # as DCP's own read_metadata does
             self._metadata = md
         return self._metadata
 

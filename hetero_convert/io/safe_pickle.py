@@ -5,8 +5,8 @@ names `os.system` calls it while loading):
 
 - DCP's `.metadata` file, which torch writes with plain `pickle.dump` and its own `FileSystemReader` reads with
   plain `pickle.load`. `load_dcp_metadata` reads it with a restricted unpickler that admits only the classes
-  torch's DCP metadata is made of (in every torch from 2.2, whose `TensorProperties` still lived with
-  ShardedTensor, to 2.13), calls only the few functions and classes that rebuild them, and sets state only on
+  torch's DCP metadata is made of (those of torch 2.4 .. 2.13, and the ShardedTensor `TensorProperties` that
+  older DCP pickled), calls only the few functions and classes that rebuild them, and sets state only on
   instances of those classes; `check_dcp_metadata` then checks that what came out has the structure DCP
   promises (every chunk inside its tensor, chunks that tile it exactly, every chunk stored in a plain file name
   of the directory, byte ranges that do not overlap).
@@ -23,6 +23,7 @@ or the structure it asked for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import io
 import itertools
@@ -31,7 +32,6 @@ import os
 import pickle
 import re
 import signal
-import struct
 import sys
 import threading
 import types
@@ -62,13 +62,13 @@ def _short(text: object, limit: int = 160) -> str:
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": (
         "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties",  # torch >= 2.2; before, the ShardedTensor one below
-        "StorageMeta",  # torch >= 2.4
+        "TensorProperties",  # older DCP pickled the ShardedTensor one below instead
+        "StorageMeta",  # absent from older torch: then simply not admitted
     ),
     "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
     # megatron-core's save keeps every rank's local plan in the metadata (`all_local_plans`), to reuse it
     "torch.distributed.checkpoint.planner": ("SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData"),
-    # torch < 2.2 pickled the ShardedTensor module's TensorProperties; torch 2.13 still has it
+    # what DCP's metadata imported before it had its own TensorProperties; torch 2.13 still has the class
     "torch.distributed._shard.sharded_tensor.metadata": ("TensorProperties",),
 }
 _DCP_ENUMS = {
@@ -524,12 +524,22 @@ def _common_allow_list() -> list:
         allowed.append(real if isinstance(real, type) else stand_in)
     # numpy arrays (Megatron-LM keeps numpy RNG states): the classes megatron-core admits too
     allowed += [numpy.ndarray, numpy.dtype]
-    reconstruct = getattr(getattr(numpy, "_core", numpy.core).multiarray, "_reconstruct", None)
-    if reconstruct is not None:
-        allowed.append(reconstruct)
-    allowed += [getattr(numpy.dtypes, n) for n in dir(getattr(numpy, "dtypes", None) or object)
-                if n.endswith("DType") and isinstance(getattr(numpy.dtypes, n), type)]
+    dtypes = getattr(numpy, "dtypes", None)
+    allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
+    core = numpy._core if hasattr(numpy, "_core") else numpy.core
+    reconstruct = core.multiarray._reconstruct
+    allowed.append(reconstruct)
+    if _named_globals_supported():  # a numpy 1.x pickle names it numpy.core.multiarray._reconstruct
+        allowed += [(reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy.core", "numpy._core")]
     return allowed
+
+
+def _named_globals_supported() -> bool:
+    """torch >= 2.6 admits (object, "module.name") pairs in its safe-globals list."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
 
 
 _COMMON_LOCK = threading.Lock()
@@ -554,25 +564,16 @@ def load_common(source: str | Path | bytes | bytearray | memoryview | io.IOBase,
             scope = torch.serialization.safe_globals(allowed)
         except AttributeError:  # torch 2.4: no scoped form, add them for the process (they are harmless)
             torch.serialization.add_safe_globals(allowed)
-            scope = _Nothing()
+            scope = contextlib.nullcontext()
         try:
             with scope:
                 return torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafePickleError(f"{name}: {weights_only_reason(str(e))}") from None
-        except (OSError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, EOFError, IndexError,
-                OverflowError, MemoryError, RecursionError, UnicodeDecodeError, struct.error) as e:
+        except Exception as e:  # a truncated or garbled file: the zip reader's complaint, on one line
             first = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(f"{name}: cannot be read as a torch.save file ({type(e).__name__}: "
                                   f"{_short(first)})") from None
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def weights_only_reason(message: str) -> str:
