@@ -40,7 +40,15 @@ FFN_COUNTS = {"intermediate_size": MAX_WIDTH}
 SUBBLOCK_BOOLS = ("no_op", "replace_with_linear")
 
 
+class _Bad(ValueError):
+    """A field that fails its check; `check_config` prefixes the file (or "config") and raises PlanError."""
+
+
 def _error(message: str) -> Exception:
+    return _Bad(message)
+
+
+def _plan_error(message: str) -> Exception:
     from .plan import PlanError  # plan imports this module; the error class lives there
 
     return PlanError(message)
@@ -53,32 +61,40 @@ def _show(value: object) -> str:
 
 def _count(value: object, field: str, bound: int) -> int:
     if type(value) is not int:  # bool is an int subclass; 2.0 and "2" are not counts
-        raise _error(f"config: {field} must be a positive integer, got {_show(value)}")
+        raise _error(f"{field} must be a positive integer, got {_show(value)}")
     if not 0 < value <= bound:
-        raise _error(f"config: {field} must be a positive integer up to {bound}, got {value}")
+        raise _error(f"{field} must be a positive integer up to {bound}, got {value}")
     return value
 
 
 def _positive_float(value: object, field: str, below: float = math.inf) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or not 0 < value < below:
         bound = "" if below == math.inf else f" below {below:g}"
-        raise _error(f"config: {field} must be a finite positive number{bound}, got {_show(value)}")
+        raise _error(f"{field} must be a finite positive number{bound}, got {_show(value)}")
     return float(value)
 
 
-def check_config(cfg: object) -> None:
-    """Refuse a raw config dict whose fields have the wrong type or an impossible value (see module doc)."""
+def check_config(cfg: object, where: str = "config") -> None:
+    """Refuse a raw config dict whose fields have the wrong type or an impossible value (see module doc):
+    PlanError "{where}: {field} ...", where is the config file when there is one."""
+    try:
+        _check(cfg)
+    except _Bad as e:
+        raise _plan_error(f"{where}: {e}") from None
+
+
+def _check(cfg: object) -> None:
     if not isinstance(cfg, dict):
-        raise _error(f"config: a JSON {type(cfg).__name__}, not an object")
+        raise _error(f"a JSON {type(cfg).__name__}, not an object")
     for key, bound in TOP_COUNTS.items():
         if cfg.get(key) is not None:
             _count(cfg[key], key, bound)
     for key in TOP_BOOLS:
         if cfg.get(key) is not None and type(cfg[key]) is not bool:
-            raise _error(f"config: {key} must be true or false, got {_show(cfg[key])}")
+            raise _error(f"{key} must be true or false, got {_show(cfg[key])}")
     for key in TOP_STRINGS:
         if cfg.get(key) is not None and (type(cfg[key]) is not str or len(cfg[key]) > 64):
-            raise _error(f"config: {key} must be a short string, got {_show(cfg[key])}")
+            raise _error(f"{key} must be a short string, got {_show(cfg[key])}")
     for key in TOKEN_IDS:
         _token_ids(cfg.get(key), key)
     # read with a default when absent; an explicit null is neither the default nor a value
@@ -86,7 +102,7 @@ def check_config(cfg: object) -> None:
     for key in ("max_position_embeddings", "rms_norm_eps", "rope_theta"):
         if key in cfg and cfg[key] is None and not (key == "rope_theta" and isinstance(params, dict)
                                                     and "rope_theta" in params):
-            raise _error(f"config: {key} is null; leave it out for the default or give a value")
+            raise _error(f"{key} is null; leave it out for the default or give a value")
     if cfg.get("rms_norm_eps") is not None:
         _positive_float(cfg["rms_norm_eps"], "rms_norm_eps", below=1.0)
     if cfg.get("rope_theta") is not None:
@@ -99,7 +115,7 @@ def check_config(cfg: object) -> None:
     blocks = cfg.get("block_configs")
     if blocks is not None:
         if type(blocks) is not list:
-            raise _error(f"config: block_configs must be a list, got {type(blocks).__name__}")
+            raise _error(f"block_configs must be a list, got {type(blocks).__name__}")
         if type(layers) is int and len(blocks) != layers:
             raise _error(f"block_configs has {len(blocks)} blocks but num_hidden_layers is {layers}")
         hidden = cfg.get("hidden_size")
@@ -108,7 +124,7 @@ def check_config(cfg: object) -> None:
     per_layer = cfg.get("num_key_value_heads_per_layer")
     if per_layer is not None and blocks is None:
         if type(per_layer) is not list:
-            raise _error(f"config: num_key_value_heads_per_layer must be a list, got {type(per_layer).__name__}")
+            raise _error(f"num_key_value_heads_per_layer must be a list, got {type(per_layer).__name__}")
         if type(layers) is int and len(per_layer) != layers:
             raise _error(f"num_key_value_heads_per_layer has {len(per_layer)} entries but num_hidden_layers is "
                          f"{layers}")
@@ -120,17 +136,17 @@ def _token_ids(value: object, key: str) -> None:
     """None, an id, or a list of ids (Llama 3 has three eos ids): carried into the exported config."""
     ids = value if type(value) is list else [value] if value is not None else []
     if len(ids) > 1024 or not all(type(t) is int and -1 <= t < MAX_VOCAB for t in ids):
-        raise _error(f"config: {key} must be a token id or a list of token ids, got {_show(value)}")
+        raise _error(f"{key} must be a token id or a list of token ids, got {_show(value)}")
 
 
 def _rope(rs: object, key: str) -> None:
     if rs is None:
         return
     if type(rs) is not dict:
-        raise _error(f"config: {key} must be an object or null, got {_show(rs)}")
+        raise _error(f"{key} must be an object or null, got {_show(rs)}")
     for name in ("rope_type", "type"):
         if rs.get(name) is not None and type(rs[name]) is not str:
-            raise _error(f"config: {key}.{name} must be a string, got {_show(rs[name])}")
+            raise _error(f"{key}.{name} must be a string, got {_show(rs[name])}")
     for name in ROPE_FLOATS:
         if rs.get(name) is not None:
             _positive_float(rs[name], f"{key}.{name}")
@@ -152,7 +168,7 @@ def _block(i: int, block: object, hidden: int | None) -> None:
                 _count(d[key], f"layer {i}: {part}.{key}", bound)
         for key in SUBBLOCK_BOOLS:
             if d.get(key) is not None and type(d[key]) is not bool:
-                raise _error(f"config: layer {i}: {part}.{key} must be true or false, got {_show(d[key])}")
+                raise _error(f"layer {i}: {part}.{key} must be true or false, got {_show(d[key])}")
         if part != "attention" and d.get("ffn_mult") is not None:
             mult = _positive_float(d["ffn_mult"], f"layer {i}: {part}.ffn_mult", below=1e4)
             if type(hidden) is int:
@@ -160,7 +176,7 @@ def _block(i: int, block: object, hidden: int | None) -> None:
 
                 width = ffn_mult_to_width(mult, hidden)
                 if not 0 < width <= MAX_WIDTH:
-                    raise _error(f"config: layer {i}: {part}.ffn_mult {mult:g} gives an FFN width of {width} at "
+                    raise _error(f"layer {i}: {part}.ffn_mult {mult:g} gives an FFN width of {width} at "
                                  f"hidden_size {hidden}")
 
 
@@ -168,20 +184,21 @@ def read_config_file(path: Path) -> dict:
     """config.json as a dict: bounded in size, a JSON object, no key twice (json keeps the last silently)."""
     try:
         size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _error(f"{path}: {size} bytes, more than any config.json ({MAX_CONFIG_BYTES})")
-        text = path.read_bytes().decode("utf-8")
-        cfg = json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise _error(f"{path}: the key {_show(e.args[0])} appears twice in one object") from None
-    except RecursionError:
-        raise _error(f"{path}: not valid JSON (nested too deeply)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _error(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        raw = path.read_bytes() if size <= MAX_CONFIG_BYTES else None
     except OSError as e:
-        raise _error(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise _plan_error(f"{path}: cannot be read ({e.strerror or e})") from None
+    if raw is None:
+        raise _plan_error(f"{path}: {size} bytes, more than any config.json ({MAX_CONFIG_BYTES})")
+    try:
+        cfg = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _plan_error(f"{path}: the key {_show(e.args[0])} appears twice in one object") from None
+    except RecursionError:
+        raise _plan_error(f"{path}: not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _plan_error(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(cfg, dict):
-        raise _error(f"{path}: a JSON {type(cfg).__name__}, not an object")
+        raise _plan_error(f"{path}: a JSON {type(cfg).__name__}, not an object")
     return cfg
 
 

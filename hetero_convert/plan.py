@@ -280,11 +280,14 @@ class ModelPlan:
 # ---- parsing ---------------------------------------------------------------------------------------------
 
 
+def config_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
 def load_config(path: str | Path) -> dict:
     """Read config.json from a checkpoint directory or a file path."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
+    p = config_path(path)
     if not p.is_file():
         raise PlanError(f"no config.json at {path}")
     return read_config_file(p)  # a JSON object, bounded, no duplicate keys
@@ -301,6 +304,7 @@ def load_plan(source: str | Path | dict) -> ModelPlan:
       - plain LlamaForCausalLM configs.
     """
     cfg = source if isinstance(source, dict) else load_config(source)
+    check_config(cfg, "config" if isinstance(source, dict) else str(config_path(source)))
     return _Parser(cfg).plan()
 
 
@@ -314,7 +318,6 @@ class _Parser:
         return self.cfg[key]
 
     def plan(self) -> ModelPlan:
-        check_config(self.cfg)  # types and bounds of every field read below, list lengths before any loop
         c = self.cfg
         hidden, heads = int(self.need("hidden_size")), int(self.need("num_attention_heads"))
         num_layers, vocab = int(self.need("num_hidden_layers")), int(self.need("vocab_size"))

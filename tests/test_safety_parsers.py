@@ -832,31 +832,35 @@ def test_garbled_chunk_at_tp2_names_the_tensor_and_dcp_exception_is_caught(megat
     assert_one_line(e.value, key)
 
 
-def test_finding5_config_bombs_and_nonsense_are_refused_fast():
+def test_finding5_config_bombs_and_nonsense_are_refused_fast(tmp_path):
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "num_attention_heads": 32, "num_hidden_layers": 10**9, "vocab_size": 128256,
              "intermediate_size": 14336}
     assert len(json.dumps(llama)) < 200
     start = time.monotonic()
     cases = [
-        ({}, "config: num_hidden_layers must be a positive integer up to 1000000, got 1000000000"),
-        ({"num_hidden_layers": 0}, "config: num_hidden_layers must be a positive integer up to 1000000, got 0"),
+        ({}, "num_hidden_layers must be a positive integer up to 1000000, got 1000000000"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer up to 1000000, got 0"),
         ({"num_hidden_layers": 32, "num_key_value_heads": -8},
-         "config: num_key_value_heads must be a positive integer up to 100000, got -8"),
-        ({"num_hidden_layers": 32, "hidden_size": 4096.0}, "config: hidden_size must be a positive integer, got 4096.0"),
+         "num_key_value_heads must be a positive integer up to 100000, got -8"),
+        ({"num_hidden_layers": 32, "hidden_size": 4096.0}, "hidden_size must be a positive integer, got 4096.0"),
         ({"num_hidden_layers": 32, "vocab_size": "128256"},
-         'config: vocab_size must be a positive integer, got "128256"'),
+         'vocab_size must be a positive integer, got "128256"'),
         ({"num_hidden_layers": 32, "rms_norm_eps": math.nan},
-         "config: rms_norm_eps must be a finite positive number below 1, got nan"),
-        ({"num_hidden_layers": 32, "rope_theta": -1.0}, "config: rope_theta must be a finite positive number, got -1.0"),
+         "rms_norm_eps must be a finite positive number below 1, got nan"),
+        ({"num_hidden_layers": 32, "rope_theta": -1.0}, "rope_theta must be a finite positive number, got -1.0"),
         ({"num_hidden_layers": 32, "tie_word_embeddings": "false"},
-         'config: tie_word_embeddings must be true or false, got "false"'),
+         'tie_word_embeddings must be true or false, got "false"'),
         ({"num_hidden_layers": 3, "block_configs": [{}]}, "block_configs has 1 blocks but num_hidden_layers is 3"),
     ]
     for change, message in cases:
         with pytest.raises(PlanError) as e:
             load_plan({**llama, **change})
-        assert str(e.value) == message
+        assert str(e.value) == f"config: {message}"
+    (tmp_path / "config.json").write_text(json.dumps(llama))  # what `inspect` on the 200-byte file gets
+    with pytest.raises(PlanError) as e:
+        load_plan(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {cases[0][1]}"
     blocks = json.loads((ROOT / "fixtures" / "tiny-every-kind.json").read_text())
     blocks["block_configs"][4]["ffn"] = {"ffn_mult": 1e-5}
     with pytest.raises(PlanError, match=r"^config: layer 4: ffn.ffn_mult 1e-05 gives an FFN width of 0 at "
