@@ -460,7 +460,8 @@ def build_dcp(d: Path, specs, seed: int):
     sdm, storage, tensors, objects = {}, {}, {}, {}
     with open(d / "__0_0.distcp", "wb") as f:
         for k, (dtype, shape, parts, dim) in enumerate(specs):
-            key = f"decoder.layers.{k}.weight"
+            # names are untrusted too: a newline or a quote in one must not break a message's single line
+            key = f"decoder.layers.{k}.weight" + ["", "", "", "\n", "'", "\x1b[2J", " é"][(seed + k) % 7]
             t = (torch.randn(shape, generator=g) * 50).to(dtype)
             tensors[key] = t
             dim = min(dim, max(len(shape) - 1, 0))

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .hf_index import CheckpointError
+from .hf_index import CheckpointError, quoted
 from .safe_pickle import (
     METADATA_FILE,
     UnsafePickleError,
@@ -346,7 +346,7 @@ class DCPReader:
         """The whole tensor `key` (assembled from its chunks), in `dtype` if given, else as stored."""
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor '{key}'")
+            raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
         self._check_bytes_present(key, md)
         whole = self._load_single_chunk(key, md) if dtype in (None, md.properties.dtype) else None
         if whole is not None:
@@ -363,9 +363,9 @@ class DCPReader:
         torch.load(weights_only=True) and the allow-list of `safe_pickle.load_common`."""
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, BytesStorageMetadata):
-            raise CheckpointError(f"{self.path / METADATA_FILE}: no object '{key}'")
+            raise CheckpointError(f"{self.path / METADATA_FILE}: no object {quoted(key)}")
         info = self.metadata.storage_data[MetadataIndex(key)]
-        where = f"{self.path / info.relative_path}: object '{key}'"
+        where = f"{self.path / info.relative_path}: object {quoted(key)}"
         with open(self.path / info.relative_path, "rb", buffering=0) as f:
             raw = self._untransformed(_FileRange(f, info.offset, info.length), info, where).read()
         return load_common(raw, where=where)
@@ -397,9 +397,9 @@ class DCPReader:
                 p = self.path / name
                 self._sizes[name] = p.stat().st_size if p.is_file() else None
             if self._sizes[name] is None:
-                raise CheckpointError(f"{self.path / METADATA_FILE}: '{key}' is stored in {name}, which is missing")
+                raise CheckpointError(f"{self.path / METADATA_FILE}: {quoted(key)} is stored in {name}, which is missing")
             if info.offset + info.length > self._sizes[name]:
-                raise CheckpointError(f"{self.path / name}: truncated: the chunk of '{key}' at "
+                raise CheckpointError(f"{self.path / name}: truncated: the chunk of {quoted(key)} at "
                                       f"{list(chunk.offsets)} needs bytes up to {info.offset + info.length}, the "
                                       f"file has {self._sizes[name]}")
 
@@ -415,7 +415,7 @@ class DCPReader:
     def _read_chunk(self, key: str, md: TensorStorageMetadata, chunk) -> torch.Tensor:
         """One chunk, from its record (torch.load, weights_only), checked against `.metadata`."""
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-        where = f"{self.path / info.relative_path}: the chunk of '{key}' at {list(chunk.offsets)}"
+        where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
         try:
             with open(self.path / info.relative_path, "rb", buffering=0) as f:
                 stream = self._untransformed(_FileRange(f, info.offset, info.length), info, where)
@@ -474,6 +474,6 @@ def read_common_state(it_dir: str | Path) -> dict | None:
     loaded = reader.load_object(COMMON_STATE_KEY)
     # megatron saves the dict wrapped in a one-element list (its ShardedObject payload)
     if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
-        raise CheckpointError(f"{it_dir / METADATA_FILE}: '{COMMON_STATE_KEY}' holds a {type(loaded).__name__}, "
+        raise CheckpointError(f"{it_dir / METADATA_FILE}: {quoted(COMMON_STATE_KEY)} holds a {type(loaded).__name__}, "
                               f"not megatron's one-element list of a dict")
     return loaded[0]

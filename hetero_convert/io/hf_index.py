@@ -32,9 +32,10 @@ def quoted(text: object, limit: int = 160) -> str:
 
 
 def plain_file_name(name: object) -> bool:
-    """A file directly inside a directory: a non-empty str, no separator, not '.' or '..', no NUL."""
+    """A file directly inside a directory: a non-empty str, no separator, not '.' or '..', no NUL or other
+    control character (so that it prints on one line)."""
     return (type(name) is str and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\x00" not in name)
+            and not any(ord(c) < 32 or ord(c) == 127 for c in name))
 
 
 class _Duplicate(ValueError):
