@@ -696,6 +696,28 @@ def test_finding1_common_pt_payload_is_refused(megatron_ckpt, tmp_path):
         megatron_to_hf(meg, tmp_path / "hf")
     assert_one_line(e.value, str(it / "common.pt"))
     assert "the pickle asks for the global 'builtins.exec'" in str(e.value)
+    with pytest.raises(UnsafePickleError, match=r"common\.pt: refused: the pickle asks for the global 'builtins\.exec'"):
+        validate_dcp_metadata(it)
+    assert_not_pwned()
+
+
+def test_extra_state_payload_is_refused_by_the_reader_and_by_validate(tmp_path):
+    """An `_extra_state` object record whose pickle calls a function: refused when read, and by the check
+    `verify` runs before megatron-core's loader (which would torch.load it with torch's defaults)."""
+    md, _, _ = build_dcp(tmp_path, [(torch.float32, [2, 2], 1, 0)], seed=0)
+    buf = io.BytesIO()
+    torch.save([LocalPayload()], buf)
+    with open(tmp_path / "__0_0.distcp", "ab") as f:
+        at = f.tell()
+        f.write(buf.getvalue())
+    key = "decoder.layers.0.mlp._extra_state/shard_0_1"
+    md.storage_data[MetadataIndex(key)] = _StorageInfo("__0_0.distcp", at, len(buf.getvalue()))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(md))
+    for attempt in (lambda: DCPReader(tmp_path).load_object(key), lambda: validate_dcp_metadata(tmp_path)):
+        with pytest.raises(UnsafePickleError) as e:
+            attempt()
+        msg = assert_one_line(e.value, "__0_0.distcp")
+        assert f"object '{key}': refused: the pickle asks for the global '" in msg and "write_marker'" in msg
     assert_not_pwned()
 
 

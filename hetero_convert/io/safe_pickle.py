@@ -283,9 +283,13 @@ def load_dcp_metadata(path: str | Path):
 
 
 def validate_dcp_metadata(directory: str | Path):
-    """Everything we can know about a DCP directory before any data is read, for a loader that trusts it
-    (megatron-core's, which unpickles `.metadata` with plain pickle): the metadata is safe to unpickle and
-    consistent, and every chunk's bytes are in a data file of the directory. Returns the Metadata."""
+    """What a DCP directory must pass before a loader that trusts it gets it (megatron-core's, which unpickles
+    `.metadata` with plain pickle, and `common.pt` and its objects with torch.load's defaults, which torch < 2.6
+    does not restrict): the metadata is safe to unpickle and consistent, every chunk's bytes are in a data
+    file of the directory, and `common.pt` and every object record (`_extra_state`, `common_state`, RNG
+    states) load under `load_common`'s allow-list. Tensor data is not read. Returns the Metadata."""
+    from .dcp import DCPReader  # dcp builds on this module
+
     directory = Path(directory)
     md = load_dcp_metadata(directory / METADATA_FILE)
     sizes: dict[str, int | None] = {}
@@ -300,6 +304,11 @@ def validate_dcp_metadata(directory: str | Path):
         if info.offset + info.length > sizes[name]:
             raise CheckpointError(f"{directory / name}: truncated: '{_short(index.fqn)}' needs bytes up to "
                                   f"{info.offset + info.length}, the file has {sizes[name]}")
+    if (directory / "common.pt").is_file():
+        load_common(directory / "common.pt")
+    reader = DCPReader(directory)
+    for key in reader.object_keys():
+        reader.load_object(key)
     return md
 
 
@@ -518,7 +527,10 @@ _STAND_INS = {key: _named_stand_in(*key) for key in _MEGATRON_NAMES}
 def _common_allow_list() -> list:
     import numpy
 
-    allowed: list = [argparse.Namespace, types.SimpleNamespace, PosixPath, signal.Signals, io.BytesIO]
+    import torch
+
+    allowed: list = [argparse.Namespace, types.SimpleNamespace, PosixPath, signal.Signals, io.BytesIO,
+                     torch.Generator]
     for (module, name), stand_in in _STAND_INS.items():
         real = getattr(sys.modules.get(module), name, None)  # megatron already imported: its own class
         allowed.append(real if isinstance(real, type) else stand_in)
