@@ -55,7 +55,13 @@ def _plan_error(message: str) -> Exception:
 
 
 def _show(value: object) -> str:
-    s = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    """A value from the config on one short line (strings JSON-quoted, so control characters are escaped)."""
+    if type(value) is int and value.bit_length() > 200:  # str() of a 5,000-digit int raises
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        s = json.dumps(value) if isinstance(value, (str, bool, type(None))) else repr(value)
+    except ValueError:  # an int nested in a list, too long to print
+        s = f"a {type(value).__name__}"
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -63,15 +69,23 @@ def _count(value: object, field: str, bound: int) -> int:
     if type(value) is not int:  # bool is an int subclass; 2.0 and "2" are not counts
         raise _error(f"{field} must be a positive integer, got {_show(value)}")
     if not 0 < value <= bound:
-        raise _error(f"{field} must be a positive integer up to {bound}, got {value}")
+        raise _error(f"{field} must be a positive integer up to {bound}, got {_show(value)}")
+    return value
+
+
+def _name(value: object, field: str) -> str:
+    """A short printable string (an activation, a dtype, a RoPE type): messages quote it on one line."""
+    if type(value) is not str or len(value) > 64 or not value.isprintable():
+        raise _error(f"{field} must be a short printable string, got {_show(value)}")
     return value
 
 
 def _positive_float(value: object, field: str, below: float = math.inf) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or not 0 < value < below:
+    finite = type(value) is int or (type(value) is float and math.isfinite(value))  # isfinite(10**400) raises
+    if not finite or not 0 < value < below or value > 1e300:
         bound = "" if below == math.inf else f" below {below:g}"
         raise _error(f"{field} must be a finite positive number{bound}, got {_show(value)}")
-    return float(value)
+    return float(value)  # in range: an int here is below 1e300
 
 
 def check_config(cfg: object, where: str = "config") -> None:
@@ -93,8 +107,8 @@ def _check(cfg: object) -> None:
         if cfg.get(key) is not None and type(cfg[key]) is not bool:
             raise _error(f"{key} must be true or false, got {_show(cfg[key])}")
     for key in TOP_STRINGS:
-        if cfg.get(key) is not None and (type(cfg[key]) is not str or len(cfg[key]) > 64):
-            raise _error(f"{key} must be a short string, got {_show(cfg[key])}")
+        if cfg.get(key) is not None:
+            _name(cfg[key], key)
     for key in TOKEN_IDS:
         _token_ids(cfg.get(key), key)
     # read with a default when absent; an explicit null is neither the default nor a value
@@ -145,8 +159,8 @@ def _rope(rs: object, key: str) -> None:
     if type(rs) is not dict:
         raise _error(f"{key} must be an object or null, got {_show(rs)}")
     for name in ("rope_type", "type"):
-        if rs.get(name) is not None and type(rs[name]) is not str:
-            raise _error(f"{key}.{name} must be a string, got {_show(rs[name])}")
+        if rs.get(name) is not None:
+            _name(rs[name], f"{key}.{name}")
     for name in ROPE_FLOATS:
         if rs.get(name) is not None:
             _positive_float(rs[name], f"{key}.{name}")
@@ -156,7 +170,7 @@ def _rope(rs: object, key: str) -> None:
 
 def _block(i: int, block: object, hidden: int | None) -> None:
     if type(block) is not dict:
-        raise _error(f"layer {i}: block config is not a dict: {_show(block)}")
+        raise _error(f"layer {i}: block_configs[{i}] must be an object, got {_show(block)}")
     for part, counts in (("attention", ATTENTION_COUNTS), ("ffn", FFN_COUNTS), ("mlp", FFN_COUNTS)):
         d = block.get(part)
         if d is None:

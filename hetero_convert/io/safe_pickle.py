@@ -51,7 +51,10 @@ class UnsafePickleError(CheckpointError):
 
 def _short(text: object, limit: int = 160) -> str:
     """One line, bounded: for names and values taken from an untrusted file."""
-    s = text if isinstance(text, str) else repr(text)
+    try:
+        s = text if isinstance(text, str) else repr(text)
+    except ValueError:  # repr of an int of more than 4,300 digits raises
+        s = f"<a {type(text).__name__} too long to print>"
     s = s.encode("unicode_escape", "backslashreplace").decode("ascii")  # no newline or control character
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
@@ -179,8 +182,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _new_object(self, cls, args, kwargs):
         if id(cls) not in self.allow.build_ids or type(args) is not tuple:
             raise _Refused(f"creates {_short(cls, 80)}, which is not one of the classes DCP metadata is made of")
-        if kwargs:
-            raise _Refused(f"creates {cls.__name__} with keyword arguments, which DCP metadata never does")
+        if args or kwargs:  # DCP's dataclasses are created bare, their fields then set by BUILD
+            raise _Refused(f"creates {cls.__name__} with arguments, which DCP metadata never does")
         return cls.__new__(cls)
 
     def _load_newobj(self):
@@ -227,7 +230,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def _load_setitems(self):
         items = self.pop_mark()
         target = self._container(dict)
-        for i in range(0, len(items) - 1, 2):
+        if len(items) % 2:
+            raise _Refused("sets a dict item without a value")
+        for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
 
     def _load_additems(self):
@@ -367,9 +372,9 @@ def check_dcp_metadata(md, where: str) -> None:
         if not plain_file_name(rel):
             raise UnsafePickleError(f"{where}: '{_short(index.fqn)}' is stored in {_short(rel, 80)}, not a plain "
                                     f"file name inside the checkpoint directory")
-        if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+        if type(off) is not int or type(length) is not int or not (0 <= off < 2**63 and 0 <= length < 2**63):
             raise UnsafePickleError(f"{where}: '{_short(index.fqn)}' has offset {_short(off, 40)} and length "
-                                    f"{_short(length, 40)}: not non-negative ints")
+                                    f"{_short(length, 40)}: not non-negative 64-bit ints")
         td = getattr(info, "transform_descriptors", None)
         if td is not None and (type(td) not in (list, tuple) or not all(type(t) is str for t in td)):
             raise UnsafePickleError(f"{where}: '{_short(index.fqn)}' has transform descriptors {_short(td, 80)}")
