@@ -16,11 +16,11 @@ This module holds the config schemas (released, newer, DeciLM-7B, Llama) and the
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_checks import check_config, read_config_file
 from .errors import PlanError
 from .kinds import ATTENTION, FFN_PART, Attention, FFN, kinds
 from .kinds.swiglu import ffn_mult_to_width, width_to_ffn_mult
@@ -240,17 +240,17 @@ class ModelPlan:
 # ---- parsing ---------------------------------------------------------------------------------------------
 
 
+def config_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
 def load_config(path: str | Path) -> dict:
     """Read config.json from a checkpoint directory or a file path."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
+    p = config_path(path)
     if not p.is_file():
         raise PlanError(f"no config.json at {path}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{p}: not valid JSON ({e})") from e
+    return read_config_file(p)  # a JSON object, bounded, no duplicate keys
 
 
 def load_plan(source: str | Path | dict) -> ModelPlan:
@@ -264,6 +264,7 @@ def load_plan(source: str | Path | dict) -> ModelPlan:
       - plain LlamaForCausalLM configs.
     """
     cfg = source if isinstance(source, dict) else load_config(source)
+    check_config(cfg, "config" if isinstance(source, dict) else str(config_path(source)))
     return _Parser(cfg).plan()
 
 

@@ -380,8 +380,9 @@ def test_megatron_to_hf_disk_full_names_tensor_and_shard(sources, tmp_path, monk
 
 
 def test_single_chunk_reads_equal_dcp_load(sources, tmp_path):
-    """DCPReader.load reads a TP=1 tensor straight from its byte range; it must equal DCP's own load (which
-    every multi-chunk tensor still goes through), in value, dtype and shape."""
+    """DCPReader.load reads a TP=1 tensor straight from its byte range; it must equal DCP's own load, in
+    value, dtype and shape. (Multi-chunk tensors are assembled by DCPReader too: test_safety_parsers compares
+    those with DCP's own load.)"""
     import torch.distributed.checkpoint as dcp
 
     hf_to_megatron(sources["tiny-ultra-kinds"], tmp_path / "meg")

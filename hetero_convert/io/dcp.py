@@ -9,7 +9,9 @@ planner and writer. DCP's FileSystemWriter itself is not used for the data: in t
 every tensor of a data file referenced until the file is finished, so a rank's whole data would sit in memory.
 
 Reading: `DCPReader` loads one key at a time (the whole global tensor, assembled from whatever chunks it was
-saved in), caching the metadata so a thousand keys do not re-read it a thousand times.
+saved in). Nothing of an input checkpoint is trusted: `.metadata` is unpickled with an allow-list and its
+structure checked once (see `safe_pickle`), and each chunk is read from its own byte range and checked
+against it, dtype and shape, before it lands in the tensor.
 """
 
 from __future__ import annotations
@@ -17,21 +19,23 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import threading
-import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     MetadataIndex,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -39,6 +43,14 @@ from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, Ten
 from torch.distributed.checkpoint.storage import WriteResult
 
 from ..packing import balance
+from .hf_index import CheckpointError, quoted
+from .safe_pickle import (
+    METADATA_FILE,
+    UnsafePickleError,
+    load_common,
+    load_dcp_metadata,
+    weights_only_reason,
+)
 
 
 def tensor_item(key: str, global_shape, offsets, sizes, dtype: torch.dtype) -> WriteItem:
@@ -216,25 +228,56 @@ class _FileRange(io.RawIOBase):
 
 
 class _CachedReader(FileSystemReader):
+    """DCP's FileSystemReader with `read_metadata` replaced: DCP's own is a plain `pickle.load` of the
+    checkpoint's `.metadata`, which runs whatever globals an input file names. Ours goes through the
+    restricted unpickler and the structure checks of `safe_pickle`, and reads the file once."""
+
     def __init__(self, path):
         super().__init__(str(path))
         self._metadata = None
 
     def read_metadata(self, *args, **kwargs):
         if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
+            rank = kwargs.get("rank")
+            name = METADATA_FILE if rank is None else f"__{int(rank)}{METADATA_FILE}"
+            md = load_dcp_metadata(Path(self.path) / name)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = getattr(self, "load_id", None)  # as DCP's own read_metadata does
+            self._metadata = md
         return self._metadata
 
 
+@contextmanager
+def dcp_failures_named(what: str):
+    """DCP reports a failed load as `CheckpointException`, a BaseException (an `except Exception` misses
+    it) whose text is a multi-rank traceback. Turn it into one CheckpointError line naming `what` and the
+    first underlying error."""
+    try:
+        yield
+    except CheckpointException as e:
+        failures = getattr(e, "failures", None) or {}
+        first = next(iter(failures.values()), (e, None))[0]
+        text = str(first).splitlines()[0] if str(first) else ""
+        raise CheckpointError(f"{what}: DCP could not load it ({type(first).__name__}: {text[:200]})") from None
+
+
 class DCPReader:
-    """Keys, shapes and one-key-at-a-time loads of a DCP directory."""
+    """Keys, shapes and one-key-at-a-time loads of a DCP directory.
+
+    The metadata is read safely (`_CachedReader`) and checked up front: every chunk inside its tensor, the
+    chunks tiling it, every record under a plain file name. Each chunk is then torch.load-ed
+    (weights_only) from its byte range and must hold exactly the dtype and shape `.metadata` gives it: DCP's
+    own load would copy a chunk of another dtype into the preallocated tensor, converting it silently (a
+    `.metadata` that lies about one chunk's dtype at TP > 1 would pass)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not (self.path / ".metadata").is_file():
+        if not (self.path / METADATA_FILE).is_file():
             raise FileNotFoundError(f"{self.path}: no .metadata: not a torch.distributed.checkpoint directory")
         self.reader = _CachedReader(self.path)
         self.metadata = self.reader.read_metadata()
+        self._sizes: dict[str, int | None] = {}
 
     def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
         return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -243,14 +286,19 @@ class DCPReader:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
     def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        md = self.metadata.state_dict_metadata[key]
+        """The whole tensor `key` (assembled from its chunks), in `dtype` if given, else as stored."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
+        self._check_bytes_present(key, md)
         whole = self._load_single_chunk(key, md) if dtype in (None, md.properties.dtype) else None
         if whole is not None:
             return whole
         out = torch.empty(tuple(md.size), dtype=dtype or md.properties.dtype)
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore")
-            dcp.load({key: out}, storage_reader=self.reader, planner=DefaultLoadPlanner(), no_dist=True)
+        for chunk in md.chunks:
+            part = self._read_chunk(key, md, chunk)
+            out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))].copy_(part)
+            del part
         return out
 
     def tensor_bytes(self, key: str) -> int:
@@ -259,6 +307,18 @@ class DCPReader:
         for d in md.size:
             n *= d
         return n
+
+    def load_object(self, key: str):
+        """A BYTE_IO entry (a module's `_extra_state`, megatron-core 0.19's `common_state`), unpickled with
+        torch.load(weights_only=True) and the allow-list of `safe_pickle.load_common`."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, BytesStorageMetadata):
+            raise CheckpointError(f"{self.path / METADATA_FILE}: no object {quoted(key)}")
+        info = self.metadata.storage_data[MetadataIndex(key)]
+        where = f"{self.path / info.relative_path}: object {quoted(key)}"
+        with open(self.path / info.relative_path, "rb", buffering=0) as f:
+            raw = self._untransformed(_FileRange(f, info.offset, info.length), info, where).read()
+        return load_common(raw, where=where)
 
     def missing_bytes(self) -> dict[str, str]:
         """{key: why} for every entry whose bytes are not all there: its data file absent, or shorter than
@@ -277,21 +337,90 @@ class DCPReader:
                                           f"{list(index.offset or [])} needs bytes up to {info.offset + info.length}")
         return out
 
+    def _check_bytes_present(self, key: str, md: TensorStorageMetadata) -> None:
+        """Before allocating the tensor: every chunk's record is inside its data file (a short file would
+        otherwise be found only after a tensor of the claimed size was allocated)."""
+        for chunk in md.chunks:
+            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            name = info.relative_path
+            if name not in self._sizes:
+                p = self.path / name
+                self._sizes[name] = p.stat().st_size if p.is_file() else None
+            if self._sizes[name] is None:
+                raise CheckpointError(f"{self.path / METADATA_FILE}: {quoted(key)} is stored in {name}, which is missing")
+            if info.offset + info.length > self._sizes[name]:
+                raise CheckpointError(f"{self.path / name}: truncated: the chunk of {quoted(key)} at "
+                                      f"{list(chunk.offsets)} needs bytes up to {info.offset + info.length}, the "
+                                      f"file has {self._sizes[name]}")
+
     def _load_single_chunk(self, key: str, md: TensorStorageMetadata) -> torch.Tensor | None:
         """A tensor saved as one chunk (TP=1), torch.load-ed straight from its byte range, or None.
 
-        This is the entry DCP's own reader would torch.load too; DCP then copies it into a preallocated tensor,
-        a second copy (and a second fresh allocation) of every byte that this path skips. Anything else (several
-        chunks, a storage transform such as compression) goes through DCP."""
+        DCP's own load would read the same record, then copy it into a preallocated tensor: a second copy
+        (and a second fresh allocation) of every byte, which this path skips."""
         if len(md.chunks) != 1 or tuple(md.chunks[0].sizes) != tuple(md.size):
             return None
-        info = self.metadata.storage_data.get(MetadataIndex(key, md.chunks[0].offsets))
-        if info is None or getattr(info, "transform_descriptors", None):
-            return None
-        with open(self.path / info.relative_path, "rb", buffering=0) as f:
-            t = torch.load(_FileRange(f, info.offset, info.length), map_location="cpu", weights_only=True)
-        if not isinstance(t, torch.Tensor) or t.shape != md.size or t.dtype != md.properties.dtype:
-            raise ValueError(f"{info.relative_path}: the chunk of '{key}' holds "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}, "
-                             f".metadata says {md.properties.dtype} {list(md.size)}")
+        return self._read_chunk(key, md, md.chunks[0])
+
+    def _read_chunk(self, key: str, md: TensorStorageMetadata, chunk) -> torch.Tensor:
+        """One chunk, from its record (torch.load, weights_only), checked against `.metadata`."""
+        info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
+        try:
+            with open(self.path / info.relative_path, "rb", buffering=0) as f:
+                stream = self._untransformed(_FileRange(f, info.offset, info.length), info, where)
+                t = torch.load(stream, map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
+        except pickle.UnpicklingError as e:
+            raise UnsafePickleError(f"{where}: {weights_only_reason(str(e))}") from None
+        except Exception as e:  # a garbled record: the zip reader's complaint, on one line
+            text = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"{where}: cannot be read ({type(e).__name__}: {text[:200]})") from None
+        if isinstance(t, torch.nn.Parameter):
+            t = t.detach()
+        if type(t) is not torch.Tensor or t.layout != torch.strided or t.dtype != md.properties.dtype \
+                or tuple(t.shape) != tuple(chunk.sizes):
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise CheckpointError(f"{where} holds {got}, .metadata says {md.properties.dtype} {list(chunk.sizes)}")
         return t
+
+    def _untransformed(self, stream, info, where: str):
+        """The record as torch.save wrote it: through DCP's stream transforms (compression, torch >= 2.7) when
+        the entry names any."""
+        descriptors = getattr(info, "transform_descriptors", None)
+        if not descriptors:
+            return stream
+        transforms = getattr(self.reader, "transforms", None)
+        if transforms is None:
+            raise CheckpointError(f"{where}: stored with transforms {list(descriptors)}, which this torch "
+                                  f"cannot undo")
+        try:
+            out = transforms.transform_load_stream(None, descriptors, stream)
+            return out if out.seekable() else io.BytesIO(out.read())
+        except Exception as e:
+            raise CheckpointError(f"{where}: stored with transforms {list(descriptors)}, which cannot be undone "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron-core >= 0.19: ShardedObject("common_state", ...)
+
+
+def read_common_state(it_dir: str | Path) -> dict | None:
+    """What a Megatron save keeps beside the model's tensors (`iteration`, `checkpoint_version`, a training
+    run's `args`): `common.pt` (megatron-core <= 0.18), else the `common_state` object inside the DCP data
+    (0.19), else None. Read with torch.load(weights_only=True) and the allow-list of `load_common`."""
+    it_dir = Path(it_dir)
+    if (it_dir / "common.pt").is_file():
+        return load_common(it_dir / "common.pt")
+    if not (it_dir / METADATA_FILE).is_file():
+        return None
+    reader = DCPReader(it_dir)
+    if COMMON_STATE_KEY not in reader.object_keys():
+        return None
+    loaded = reader.load_object(COMMON_STATE_KEY)
+    # megatron saves the dict wrapped in a one-element list (its ShardedObject payload)
+    if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
+        raise CheckpointError(f"{it_dir / METADATA_FILE}: {quoted(COMMON_STATE_KEY)} holds a {type(loaded).__name__}, "
+                              f"not megatron's one-element list of a dict")
+    return loaded[0]

@@ -9,7 +9,6 @@ row-major bytes at its data_offsets.)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS
-from .hf_index import CheckpointError, shard_files
+from .hf_index import INDEX_FILE, CheckpointError, quoted, shard_files, strict_json
 
 SAFETENSORS_DTYPES = SAFETENSORS
 
@@ -35,21 +34,94 @@ class TensorInfo:
     offset: int  # absolute byte offset of the tensor's data in the file
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    """The JSON header of a safetensors file (checked to be an object without duplicate keys) and the byte
+    offset where its data starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path.name}: truncated (only {size} bytes, no safetensors header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8:
             raise CheckpointError(f"{path.name}: header length {n} exceeds the file size {size}: truncated or corrupt")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path.name}: corrupt safetensors header ({e})") from e
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path.name}: header length {n} exceeds the safetensors limit of "
+                                  f"{MAX_HEADER_BYTES} bytes")
+        text = f.read(n)
+    header = strict_json(text, path.name, "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                              f"object)")
     return header, 8 + n
+
+
+def _nonneg_ints(value, count: int | None = None) -> bool:
+    return (isinstance(value, list) and (count is None or len(value) == count)
+            and all(type(v) is int and v >= 0 for v in value))
+
+
+def parse_header(path: Path) -> list[TensorInfo]:
+    """Every tensor of one safetensors file, validated at least as strictly as the safetensors library:
+    each entry exactly {dtype, shape, data_offsets} of the right types, a known dtype, a byte count that
+    matches dtype and shape, offsets that start at 0 and follow each other without gap or overlap, and a
+    data section that they cover exactly (its size is the file size minus the header). `__metadata__`,
+    if present, maps strings to strings."""
+    header, data_start = read_header(path)
+    size = path.stat().st_size
+    data_len = size - data_start
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    infos = []
+    for name, entry in header.items():
+        what = f"{path.name}: tensor {quoted(name)}"
+        if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
+            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise CheckpointError(f"{what}: corrupt header entry {quoted(got)} (needs exactly dtype, shape, "
+                                  f"data_offsets)")
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dtype is None:
+            raise CheckpointError(f"{what} has unsupported dtype {quoted(entry['dtype'])}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not _nonneg_ints(shape):
+            raise CheckpointError(f"{what}: shape {quoted(shape)} is not a list of non-negative integers")
+        if not _nonneg_ints(offsets, 2) or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{what}: data_offsets {quoted(offsets)} are not [begin, end] with "
+                                  f"0 <= begin <= end")
+        begin, end = offsets
+        if end > data_len:
+            raise CheckpointError(f"{path.name}: truncated: tensor {quoted(name)} needs bytes up to "
+                                  f"{data_start + end} but the file has {size}")
+        # the element count stops growing past the data section: a shape of huge numbers is refused cheaply
+        count = 0 if 0 in shape else 1
+        for d in shape if count else ():
+            count *= d
+            if count * dtype.itemsize > data_len:
+                break
+        expect = count * dtype.itemsize
+        if end - begin != expect:
+            raise CheckpointError(f"{what} claims {end - begin} bytes for shape {list(shape)[:8]} {entry['dtype']} "
+                                  f"({expect if expect <= data_len else 'more than the file'} expected): corrupt header")
+        infos.append(TensorInfo(name, path, dtype, tuple(shape), expect, data_start + begin))
+    # The library's rule: sorted by offsets, each tensor begins where the one before it ended, from 0 to the
+    # end of the file; no gap (bytes nobody owns), no overlap (two tensors sharing bytes), no trailing data.
+    at = 0
+    for info in sorted(infos, key=lambda t: (t.offset, t.offset + t.nbytes)):
+        begin = info.offset - data_start
+        if begin != at:
+            why = "overlaps the tensor before it" if begin < at else f"leaves bytes {at}..{begin} unowned"
+            raise CheckpointError(f"{path.name}: tensor {quoted(info.name)} at data offset {begin} {why}: "
+                                  f"corrupt header")
+        at = begin + info.nbytes
+    if at != data_len:
+        raise CheckpointError(f"{path.name}: the tensors end at data offset {at} but the data section has "
+                              f"{data_len} bytes: corrupt header or trailing data")
+    return infos
 
 
 class HFCheckpoint:
@@ -63,49 +135,33 @@ class HFCheckpoint:
 
     # ---- validation -----------------------------------------------------------------------------------
     def _scan(self) -> None:
-        weight_map, files = shard_files(self.dir)
+        weight_map, files = shard_files(self.dir)  # the index's names are checked before any file is opened
         missing_files = [f for f in files if not (self.dir / f).is_file()]
         if missing_files:
             named = sorted(k for k, v in (weight_map or {}).items() if v in missing_files)
             raise CheckpointError(
-                f"missing shard file(s) {missing_files} named by the index (they hold {len(named)} tensors, "
-                f"e.g. {named[:3]})"
+                f"{self.dir / INDEX_FILE}: missing shard file(s) {missing_files} named by the index (they hold "
+                f"{len(named)} tensors, e.g. {named[:3]})"
             )
         for fname in files:
-            path = self.dir / fname
-            header, data_start = read_header(path)
-            size = path.stat().st_size
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                if data_start + end > size:
-                    raise CheckpointError(
-                        f"{fname}: truncated: tensor '{name}' needs bytes up to {data_start + end} but the file "
-                        f"has {size}"
-                    )
-                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise CheckpointError(f"{fname}: tensor '{name}' has unsupported dtype {entry['dtype']}")
-                shape = tuple(entry["shape"])
-                expect = dtype.itemsize * math.prod(shape)
-                if end - begin != expect:
-                    raise CheckpointError(
-                        f"{fname}: tensor '{name}' claims {end - begin} bytes for shape {shape} {entry['dtype']} "
-                        f"({expect} expected): corrupt header"
-                    )
-                if name in self.tensors:
-                    raise CheckpointError(f"tensor '{name}' appears in both {self.tensors[name].file.name} and {fname}")
-                self.tensors[name] = TensorInfo(name, path, dtype, shape, expect, data_start + begin)
+            for info in parse_header(self.dir / fname):
+                if info.name in self.tensors:
+                    raise CheckpointError(f"tensor {quoted(info.name)} appears in both "
+                                          f"{self.tensors[info.name].file.name} and {fname}")
+                self.tensors[info.name] = info
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f)
             if absent:
                 raise CheckpointError(
-                    f"the index names {len(absent)} tensor(s) that are not in the shard it points to: {absent[:5]}"
+                    f"{self.dir / INDEX_FILE}: the index names {len(absent)} tensor(s) that are not in the shard "
+                    f"it points to: "
+                    + ", ".join(quoted(a, 80) for a in absent[:5])
                 )
             unindexed = sorted(set(self.tensors) - set(weight_map))
             if unindexed:
-                raise CheckpointError(f"shards hold {len(unindexed)} tensor(s) the index does not name: {unindexed[:5]}")
+                raise CheckpointError(f"{self.dir / INDEX_FILE}: shards hold {len(unindexed)} tensor(s) the index "
+                                      f"does not name: "
+                                      + ", ".join(quoted(u, 80) for u in unindexed[:5]))
 
     # ---- reading ------------------------------------------------------------------------------------------
     # Reads use pread on the raw file rather than safetensors' memory map: mapped pages that were read stay
@@ -126,7 +182,11 @@ class HFCheckpoint:
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """Tensor `name`, or only rows[, cols] of it, read from disk without touching the rest."""
         info = self.tensors[name]
-        r0, r1, _ = (rows or slice(None)).indices(info.shape[0]) if info.shape else (0, 1, 1)
+        if not info.shape:  # a 0-d tensor: one element, and no rows to select
+            out = torch.empty((), dtype=info.dtype)
+            self.read_into(out, name, 0)
+            return out
+        r0, r1, _ = (rows or slice(None)).indices(info.shape[0])
         width = (cols.indices(info.shape[1])[1] - cols.indices(info.shape[1])[0]) if cols is not None else None
         out = torch.empty((r1 - r0,) + ((width,) if width is not None else tuple(info.shape[1:])), dtype=info.dtype)
         self.read_into(out, name, r0, cols)
@@ -150,7 +210,7 @@ class HFCheckpoint:
         for r in range(out.shape[0]):
             self._pread(info, flat[r * width:(r + 1) * width], first + r * row_bytes)
 
-    def _pread(self, info: "TensorInfo", buf: memoryview, offset: int) -> None:
+    def _pread(self, info: TensorInfo, buf: memoryview, offset: int) -> None:
         fd, done, n = self._fd(info.file), 0, len(buf)
         while done < n:
             got = os.preadv(fd, [buf[done:]], offset + done)

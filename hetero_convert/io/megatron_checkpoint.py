@@ -103,13 +103,11 @@ def read_plan(it_dir: str | Path) -> ModelPlan:
 
 
 def training_args(it_dir: Path):
-    """A training run's args (an argparse.Namespace), from its common state; None if it has none."""
-    import torch
+    """A training run's args (an argparse.Namespace), from its common state (common.pt, or megatron-core 0.19's
+    `common_state` object), never unpickled with arbitrary globals; None if it has none."""
+    from .dcp import read_common_state
 
-    common = Path(it_dir) / "common.pt"
-    if not common.is_file():
-        return None
-    state = torch.load(common, map_location="cpu", weights_only=False)
+    state = read_common_state(it_dir)
     return state.get("args") if isinstance(state, dict) else None
 
 
