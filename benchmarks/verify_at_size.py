@@ -112,7 +112,7 @@ def write_model(cfg: dict, out: Path, rng_device: str) -> Path:
 
 def convert(src: Path, dst: Path) -> Path:
     if not (dst / "latest_checkpointed_iteration.txt").is_file():
-        hf_to_megatron(src, dst, tp=1, pp=1, workers=min(8, os.cpu_count() or 1), overwrite=True)
+        hf_to_megatron(src, dst, tp=1, pp=1, workers=min(8, os.cpu_count() or 1), overwrite=True, checksums=False)
     return dst
 
 
@@ -163,11 +163,12 @@ def make_bug(what: str, layer: int, hf: Path, meg: Path, work: Path) -> Path:
         out = work / "meg"
         if out.exists():
             shutil.rmtree(out)
-        shutil.copytree(meg, out)
+        shutil.copytree(meg, out, copy_function=os.link)  # the same weights: hard links
         desc = iteration_dir(out) / "hetero_convert.json"
         d = json.loads(desc.read_text())
         assert d["plan"]["rope_scaling"]["factor"] == 16.0
         d["plan"]["rope_scaling"]["factor"] = 8.0
+        desc.unlink()  # a new file, not a write through the link into the correct checkpoint
         desc.write_text(json.dumps(d))
         return out
     edit = {"gate/up swapped": Swap(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
@@ -260,18 +261,20 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--hidden", default="1024,2048")
+    ap.add_argument("--hidden", default="1024,2048", help="hidden sizes of the Ultra-/51B-kind models ('' for none)")
     ap.add_argument("--kinds", default="ultra,51b")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--layouts", default="auto", help="TPxPP list, or auto: 1x1, plus 2x1,1x2 with 2 devices")
-    ap.add_argument("--bug-dtypes", default="fp32,bf16")
+    ap.add_argument("--bug-dtypes", default="fp32", help="dtypes the bugs are judged in (at TP=PP=1)")
     ap.add_argument("--no-bugs", action="store_true")
-    ap.add_argument("--big", dest="big", action="store_true", default=None)
+    ap.add_argument("--big", dest="big", action="store_true", default=None, help="the ~8B model (default on GPU)")
     ap.add_argument("--no-big", dest="big", action="store_false")
-    ap.add_argument("--big-dtypes", default="fp32,bf16")
+    ap.add_argument("--big-dtypes", default="fp32")
     ap.add_argument("--no-whole", action="store_true", help="--big: skip the whole-model memory figure")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds after which no new stage starts (the ~8B stage needs ~200 s of it)")
     ap.add_argument("--work", default="/tmp/verify_at_size")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--measure", choices=["streamed", "whole"], help=argparse.SUPPRESS)
@@ -290,24 +293,21 @@ def main() -> None:
         [tuple(int(x) for x in l.split("x")) for l in args.layouts.split(",")]
     big = gpu if args.big is None else args.big
     dtypes = args.dtypes.split(",")
+    bug_dtypes = [] if args.no_bugs else args.bug_dtypes.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else None
     mcore = __import__("megatron.core", fromlist=["__version__"]).__version__
     env = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "devices": n_dev, "torch": torch.__version__,
            "transformers": transformers.__version__, "megatron_core": mcore, "date": time.strftime("%Y-%m-%d"),
-           "cpus": os.cpu_count()}
-    try:
-        env["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip() or None
-    except OSError:
-        env["commit"] = None
+           "cpus": os.cpu_count(), "commit": git_commit()}
     log(f"env {json.dumps(env)}; layouts {layouts}")
     rng = "cuda" if gpu else "cpu"
+    result = {"env": env, "layouts": layouts, "rows": [], "skipped": []}
+    save = Results(Path(args.out) if args.out else None, result)
 
     # 1-2. checkpoints, conversions, bugs
-    cases = []  # dicts: kind, hidden, bug, bug_layer, hf (correct HF), meg, plan
-    for hidden in [int(h) for h in args.hidden.split(",")]:
+    cases = []  # dicts: kind, hidden, params, bug, bug_layer, hf (the correct HF model), meg
+    for hidden in [int(h) for h in args.hidden.split(",") if h]:
         for kind in args.kinds.split(","):
             blocks, factor = KINDS[kind]
             hf = write_model(model_config(hidden, 16, blocks, factor), work / f"{kind}-{hidden}-hf", rng)
@@ -317,7 +317,7 @@ def main() -> None:
                     "bug_layer": None, "hf": hf, "meg": meg}
             cases.append(good)
             log(f"{kind} hidden {hidden}: {plan.num_parameters() / 1e9:.2f}B parameters, converted")
-            for bkind, what, layer in ([] if args.no_bugs else BUGS):
+            for bkind, what, layer in (BUGS if bug_dtypes else []):
                 if bkind == kind:
                     bad = make_bug(what, layer, hf, meg, work / f"{kind}-{hidden}-bug{layer}")
                     cases.append({**good, "bug": what, "bug_layer": layer, "meg": bad})
@@ -325,6 +325,7 @@ def main() -> None:
 
     # 3. the inputs, and the HF side (fp64 + every dtype, one streamed pass per model)
     ids, mask, source = make_inputs(None, 32000, None, args.batch, args.seq_len, 0)
+    result["inputs"] = source
     refs = {}
     for c in cases:
         if c["bug"] is None:
@@ -332,74 +333,114 @@ def main() -> None:
             refs[c["hf"]] = reference_forward(c["hf"], ids, mask, ("fp64", *dtypes), args.device)
             log(f"HF {c['kind']}-{c['hidden']} streamed in fp64+{'+'.join(dtypes)}: {time.time() - t:.1f}s")
 
-    rows = []
-    for dtype in dtypes:
-        for tp, pp in layouts:
-            run = [c for c in cases if c["bug"] is None or
-                   ((tp, pp) == (1, 1) and dtype in args.bug_dtypes.split(","))]
-            t = time.time()
-            got = megatron_forward([(read_plan_from_megatron(iteration_dir(c["meg"])), iteration_dir(c["meg"]))
-                                    for c in run], ids, mask, tp, pp, dtype, args.device,
-                                   work / f"run-{dtype}-{tp}x{pp}")
-            secs = time.time() - t
-            for c, g in zip(run, got):
-                r = report_for(c["hf"], c["meg"], load_plan(c["hf"]), refs[c["hf"]], g, mask, dtype, tp, pp,
-                               args.device, source)
-                case = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()}
-                rows.append(row_of(r, case, tp, pp, secs / len(run)))
-            log(f"Megatron {dtype} TP={tp} PP={pp}: {len(run)} checkpoints in {secs:.1f}s")
-    print(table(rows), flush=True)
-    result = {"env": env, "layouts": layouts, "inputs": source, "rows": rows}
+    # 4. Megatron: TP=PP=1 first (with the bugs), then the other layouts
+    def megatron_stage(dtype, tp, pp, run):
+        if not run:
+            return
+        if time.time() - T0 > args.budget:
+            result["skipped"].append(f"{dtype} TP={tp} PP={pp}: over the time budget")
+            log(f"skipped {dtype} TP={tp} PP={pp}: over the --budget of {args.budget:.0f}s")
+            return
+        t = time.time()
+        got = megatron_forward([(read_plan_from_megatron(iteration_dir(c["meg"])), iteration_dir(c["meg"]))
+                                for c in run], ids, mask, tp, pp, dtype, args.device, work / f"run-{dtype}-{tp}x{pp}")
+        secs = time.time() - t
+        for c, g in zip(run, got):
+            r = report_for(c["hf"], c["meg"], load_plan(c["hf"]), refs[c["hf"]], g, mask, dtype, tp, pp, args.device,
+                           source)
+            result["rows"].append(row_of(r, {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()},
+                                         tp, pp, secs / len(run)))
+        log(f"Megatron {dtype} TP={tp} PP={pp}: {len(run)} checkpoints in {secs:.1f}s")
+        save()
 
-    # 4. the ~8B model
+    for dtype in dtypes:
+        megatron_stage(dtype, 1, 1, [c for c in cases if c["bug"] is None or dtype in bug_dtypes])
+    for c in cases:  # the bugs' checkpoints are done with: free the disk for the ~8B model
+        if c["bug"] is not None:
+            shutil.rmtree(Path(c["meg"]).parent, ignore_errors=True)
+    for tp, pp in layouts:
+        if (tp, pp) != (1, 1):
+            for dtype in dtypes:
+                megatron_stage(dtype, tp, pp, [c for c in cases if c["bug"] is None])
+    if result["rows"]:
+        print(table(result["rows"]), flush=True)
+
+    # 5. the ~8B model
     if big:
-        result["big"] = run_big(args, work, ids, mask, source, rng)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "verify_at_size.json").write_text(json.dumps(result, indent=1, default=str))
-        md = table(rows) + ("\n\n" + big_table(result["big"]) if big else "") + "\n"
-        (out / "verify_at_size.md").write_text(md)
+        if time.time() - T0 > args.budget - 180:
+            result["skipped"].append("the ~8B model: over the time budget")
+            log("skipped the ~8B model: over the time budget")
+        else:
+            result["big"] = run_big(args, work, ids, mask, source, rng, save)
+    save()
+    rows = result["rows"] + result.get("big", {}).get("rows", [])
     bad = [r for r in rows if verdict(r) not in ("pass (correct)", "caught, right layer")]
-    log(f"done: {len(rows)} rows, {len(bad)} not as expected"
+    log(f"done: {len(rows)} rows, {len(bad)} not as expected, {len(result['skipped'])} stage(s) skipped"
         + "".join(f"\n  {r['kind']}-{r['hidden']} {r['dtype']} {r['tp']}x{r['pp']} {r['bug']}: {verdict(r)}"
                   for r in bad))
 
 
-def run_big(args, work: Path, ids, mask, source, rng) -> dict:
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+class Results:
+    """Writes OUT/verify_at_size.{json,md} after every stage, so a run cut short keeps what it measured."""
+
+    def __init__(self, out: Path | None, result: dict):
+        self.out, self.result = out, result
+
+    def __call__(self) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        r = self.result
+        (self.out / "verify_at_size.json").write_text(json.dumps(r, indent=1, default=str))
+        md = table(r["rows"]) + ("\n\n" + big_table(r["big"]) if "big" in r else "")
+        md += "".join(f"\n\nskipped: {s}" for s in r["skipped"])
+        (self.out / "verify_at_size.md").write_text(md + "\n")
+
+
+def run_big(args, work: Path, ids, mask, source, rng, save) -> dict:
     cfg = super8b_config()
     t = time.time()
     hf = write_model(cfg, work / "super8b-hf", rng)
-    log(f"super8b: {load_plan(hf).num_parameters() / 1e9:.2f}B parameters written in {time.time() - t:.1f}s")
+    plan = load_plan(hf)
+    log(f"super8b: {plan.num_parameters() / 1e9:.2f}B parameters written in {time.time() - t:.1f}s")
     t = time.time()
     meg = convert(hf, work / "super8b-meg")
     log(f"super8b converted in {time.time() - t:.1f}s")
     inputs = work / "super8b-inputs.pt"
     torch.save({"input_ids": ids, "attention_mask": mask}, inputs)
-    mem = {"streamed": run_measure("streamed", hf, inputs, work / "super8b-ref.pt", args.device)}
+    big = {"rows": [], "memory": {"computed_whole_gib": {
+        d: plan.num_parameters() * n / 2**30 for d, n in (("fp64", 8), ("fp32", 4), ("bf16", 2))}}}
+    mem = big["memory"]
+    mem["streamed"] = run_measure("streamed", hf, inputs, work / "super8b-ref.pt", args.device)
     log(f"super8b HF streamed (fp64+fp32+bf16): {mem['streamed']}")
-    saved = torch.load(work / "super8b-ref.pt")
     from hetero_convert.reference import StreamOutput
 
+    saved = torch.load(work / "super8b-ref.pt")
     ref = {d: StreamOutput(v["logits"], v["hidden"]) for d, v in saved.items()}
+    for dtype in args.big_dtypes.split(","):
+        t = time.time()
+        got = megatron_forward([(read_plan_from_megatron(iteration_dir(meg)), iteration_dir(meg))], ids, mask, 1, 1,
+                               dtype, args.device, work / f"run-super8b-{dtype}")[0]
+        r = report_for(hf, meg, plan, ref, got, mask, dtype, 1, 1, args.device, source)
+        big["rows"].append(row_of(r, {"kind": "super8b", "hidden": 3072, "params": plan.num_parameters(),
+                                      "bug": None, "bug_layer": None}, 1, 1, time.time() - t))
+        log(f"super8b Megatron {dtype}: {'PASS' if r.ok else 'FAIL ' + '; '.join(r.failures)}")
+    save.result["big"] = big
+    save()
     if not args.no_whole:
         mem["whole_fp32"] = run_measure("whole", hf, inputs, work / "super8b-whole.pt", args.device)
         whole = torch.load(work / "super8b-whole.pt")["fp32"]["logits"]
         keep = mask.bool()
         mem["whole_fp32"]["max_abs_diff_vs_streamed_fp32"] = (whole[keep] - ref["fp32"].logits[keep]).abs().max().item()
         log(f"super8b HF whole model fp32: {mem['whole_fp32']}")
-    plan = load_plan(hf)
-    mem["computed_whole_gib"] = {d: plan.num_parameters() * n / 2**30 for d, n in (("fp64", 8), ("fp32", 4), ("bf16", 2))}
-    rows = []
-    for dtype in args.big_dtypes.split(","):
-        t = time.time()
-        got = megatron_forward([(read_plan_from_megatron(iteration_dir(meg)), iteration_dir(meg))], ids, mask, 1, 1,
-                               dtype, args.device, work / f"run-super8b-{dtype}")[0]
-        r = report_for(hf, meg, plan, ref, got, mask, dtype, 1, 1, args.device, source)
-        rows.append(row_of(r, {"kind": "super8b", "hidden": 3072, "params": plan.num_parameters(), "bug": None,
-                               "bug_layer": None}, 1, 1, time.time() - t))
-        log(f"super8b Megatron {dtype}: {'PASS' if r.ok else 'FAIL ' + '; '.join(r.failures)}")
-    print(table(rows), flush=True)
-    big = {"rows": rows, "memory": mem}
     print(big_table(big), flush=True)
     return big
 

@@ -120,6 +120,8 @@ def make_inputs(hf_dir: Path | None, vocab_size: int, prompts: Path | None = Non
     if use_text:
         from transformers import AutoTokenizer
 
+        from . import hf as _register  # noqa: F401  (the config's model type, so no remote code is asked for)
+
         if prompts is not None:
             texts = [t for t in Path(prompts).read_text().splitlines() if t.strip()]
             if not texts:
@@ -127,7 +129,7 @@ def make_inputs(hf_dir: Path | None, vocab_size: int, prompts: Path | None = Non
             source, cut = f"prompts from {prompts}", [seq_len] * len(texts)
         else:
             texts, source, cut = sample_texts(batch, seed), "English text (pydoc_data) through the tokenizer", lengths
-        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
         rows = [tok(t, add_special_tokens=True)["input_ids"][:n] for t, n in zip(texts, cut)]
         top = max(max(r) for r in rows if r)
         if top >= vocab_size:
@@ -154,16 +156,19 @@ def megatron_forward(cases: list[tuple[ModelPlan, Path]], ids: torch.Tensor, mas
     from .megatron_runtime import run_under_torchrun
 
     workdir.mkdir(parents=True, exist_ok=True)
-    torch.save({"input_ids": ids, "attention_mask": mask}, workdir / "inputs.pt")
+    # Under the user's torchrun every rank writes its own inputs (ranks of a node share the folder).
+    rank = os.environ.get("RANK", "0") if inside_torchrun() else "0"
+    inputs = workdir / f"inputs-{rank}.pt"
+    torch.save({"input_ids": ids, "attention_mask": mask}, inputs)
     plans, ckpts, outs = [], [], []
     for k, (plan, ckpt) in enumerate(cases):
-        p = workdir / f"plan{k}.json"
+        p = workdir / f"plan{k}-{rank}.json"
         p.write_text(json.dumps(plan.to_json()))
         plans.append(str(p))
         ckpts.append(str(ckpt))
         outs.append(str(workdir / f"out{k}.pt"))
     args = ["--plan-json", *plans, "--ckpt", *ckpts, "--out", *outs, "--tp", str(tp), "--pp", str(pp),
-            "--dtype", dtype, "--device", device, "--input-ids", str(workdir / "inputs.pt")]
+            "--dtype", dtype, "--device", device, "--input-ids", str(inputs)]
     if hidden:
         args.append("--hidden")
     if inside_torchrun():
@@ -357,9 +362,12 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         meg_out = megatron_forward(cases, ids, mask, tp, pp, dtype, device, Path(workdir or tmp))
     if not rank0:
         return []
-    reports = []
+    reports, refs = [], {}
     for (hf_dir, meg_dir), plan, got in zip(pairs, plans, meg_out):
-        ref = reference_forward(hf_dir, ids, mask, ("fp64", dtype), reference_device or device)
+        key = Path(hf_dir).resolve()
+        if key not in refs:  # several Megatron checkpoints judged against one HF model: one reference pass
+            refs[key] = reference_forward(hf_dir, ids, mask, ("fp64", dtype), reference_device or device)
+        ref = refs[key]
         reports.append(report_for(hf_dir, meg_dir, plan, ref, got, mask, dtype, tp, pp, device, source, factor,
                                   thresholds))
     return reports

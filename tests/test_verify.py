@@ -314,27 +314,30 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([topics[k] for k in sorted(topics)[:40]], trainer)
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:10]], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
         .save_pretrained(directory)
 
 
-def test_verify_cli_text_prompts_and_exit_codes(converted, tmp_path):
+def test_verify_cli_text_prompts_under_torchrun_and_exit_codes(converted, tmp_path):
     src, meg = converted["tiny-tied"]
     hf = Path(shutil.copytree(src, tmp_path / "hf"))
     make_tokenizer(hf, 400)  # the model has 500 ids
-    out = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "verify", "--hf", str(hf), "--megatron",
-                          str(meg), "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    # Under the user's own torchrun (TP=2): Megatron in the ranks, then the reference on rank 0 alone.
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "hetero_convert.cli", "verify", "--hf", str(hf), "--megatron", str(meg), "--tp", "2",
+                          "--json", str(tmp_path / "r.json"), "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["ok"] and r["prompts"].startswith("English text") and "PASS" in out.stdout
+    assert r["ok"] and r["tp"] == 2 and r["prompts"].startswith("English text") and out.stdout.count("PASS") == 1
     assert r["metrics"]["megatron_fp64_max_rel_diff"] <= r["thresholds"]["max_rel_diff"]
     # real text, not random ids: decoding the first row gives back words of Python's documentation
     from transformers import AutoTokenizer
 
     ids, mask, _ = make_inputs(hf, 500, batch=2, seq_len=32)
     assert len(AutoTokenizer.from_pretrained(str(hf)).decode(ids[0][mask[0].bool()]).split()) >= 5
-    # An impossible bound makes the same run fail with exit code 1.
+    # An impossible bound makes the run (launching its own torchrun) fail with exit code 1.
     out = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "verify", "--hf", str(hf), "--megatron",
                           str(meg), "--max-rel-diff", "0", "--random-tokens"], capture_output=True, text=True)
     assert out.returncode == 1 and "FAIL" in out.stdout and "random ids" in out.stdout
