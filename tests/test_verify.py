@@ -113,7 +113,7 @@ def test_corruptions_fail_and_name_the_layer_at_hidden_1024(tmp_path):
         "linear replacement transposed": (2, transpose("model.layers.2.self_attn.linear_attn.weight")),
     }
     pairs = [(src, tmp_path / "meg")]
-    for k, (name, (_, edit)) in enumerate(cases.items()):
+    for k, (_, edit) in enumerate(cases.values()):
         if edit is not None:
             hf_to_megatron(edit_hf(src, tmp_path / f"bad{k}", edit), tmp_path / f"meg{k}")
             pairs.append((src, tmp_path / f"meg{k}"))
@@ -231,7 +231,8 @@ def test_reference_equals_the_whole_hf_model(converted, name):
     ref = reference_forward(src, ids, mask, ("fp64", "fp32", "bf16"))
     keep = mask.bool()
     for d, dt in (("fp64", torch.float64), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, attn_implementation="sdpa",
+                                                     trust_remote_code=False).eval()
         hidden = {}
         for i, layer in enumerate(model.model.layers):
             layer.register_forward_hook(lambda m, a, o, i=i: hidden.__setitem__(i, o[0] if isinstance(o, tuple) else o))
@@ -336,7 +337,8 @@ def test_verify_cli_text_prompts_under_torchrun_and_exit_codes(converted, tmp_pa
     from transformers import AutoTokenizer
 
     ids, mask, _ = make_inputs(hf, 500, batch=2, seq_len=32)
-    assert len(AutoTokenizer.from_pretrained(str(hf)).decode(ids[0][mask[0].bool()]).split()) >= 5
+    tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=False)
+    assert len(tok.decode(ids[0][mask[0].bool()]).split()) >= 5
     # An impossible bound makes the run (launching its own torchrun) fail with exit code 1.
     out = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "verify", "--hf", str(hf), "--megatron",
                           str(meg), "--max-rel-diff", "0", "--random-tokens"], capture_output=True, text=True)
