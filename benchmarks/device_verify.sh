@@ -12,8 +12,10 @@
 set -euo pipefail
 # NVLink multicast stays off on shared multi-GPU hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if ! PYTHONPATH=/tmp/site python3 -c "import megatron.core" 2>/dev/null; then
-  wheel=$(ls .whl/megatron_core-*.whl | sort -V | tail -1)
+wheel=$(ls .whl/megatron_core-*.whl | sort -V | tail -1)
+want=$(basename "$wheel" | cut -d- -f2)
+have=$(PYTHONPATH=/tmp/site python3 -c "import megatron.core as m; print(m.__version__)" 2>/dev/null || true)
+if [ "$have" != "$want" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
 fi
 export PYTHONPATH="/tmp/site:$PWD"

@@ -339,6 +339,8 @@ def main() -> None:
             t = time.time()
             refs[c["hf"]] = reference_forward(c["hf"], ids, mask, ("fp64", *dtypes), args.device)
             log(f"HF {c['kind']}-{c['hidden']} streamed in fp64+{'+'.join(dtypes)}: {time.time() - t:.1f}s")
+    if gpu:
+        torch.cuda.empty_cache()  # the GPU is the Megatron ranks' from here on
 
     # 4. Megatron: TP=PP=1 first (with the bugs), then the other layouts
     def megatron_stage(dtype, tp, pp, run):
