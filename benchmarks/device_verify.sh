@@ -4,7 +4,8 @@
 #   bash benchmarks/device_verify.sh [benchmarks/verify_at_size.py options]
 #
 # Uses one GPU, and two when present (TP=2 and PP=2 layouts). Prints its tables; with $OUT set, writes
-# $OUT/verify_at_size.json and $OUT/verify_at_size.md. Stops starting new stages after --budget seconds (480).
+# $OUT/verify_at_size.json and $OUT/verify_at_size.md after every stage, and skips (and lists) a stage that would
+# not end within --limit seconds (560).
 # The device has torch and transformers but not megatron-core: its cp312 wheel travels in .whl/ (ignored by
 # git), fetched here beforehand with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
