@@ -34,10 +34,12 @@ def bundled_config(name: str) -> dict:
     return load_config(bundled_fixtures_dir() / f"{name}.json")
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, std: float = 0.02,
+                  device: str = "cpu") -> torch.Tensor:
+    # device="cuda" draws on the GPU (other values than the CPU's; for checkpoints of billions of parameters).
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
     else:
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             # Attention scores have std ~ std_qk^2 * hidden. 0.08 at hidden 128 gives ~0.8: far enough from
@@ -46,13 +48,13 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
             # ~100x (measured: fp32 differences growing 1.7e-6 -> 2.6e-5 over 8 layers on CPU), which is a
             # property of the random model, not of a conversion. So the std shrinks with sqrt(hidden).
             std = 0.08 * (128 / shape[-1]) ** 0.5  # shape[-1]: the input width, the hidden size
-        t = torch.randn(shape, generator=g) * std
-    return t.to(dtype)
+        t = torch.randn(shape, generator=g, device=device) * std
+    return t.to(dtype).cpu()
 
 
-def _filler(name: str, shape, seed: int, dtype: torch.dtype, fast: bool) -> torch.Tensor:
+def _filler(name: str, shape, seed: int, dtype: torch.dtype, fast: bool, device: str = "cpu") -> torch.Tensor:
     if not fast:
-        return random_tensor(name, shape, seed, dtype)
+        return random_tensor(name, shape, seed, dtype, device=device)
     # Benchmarks write gigabytes: a cheap repeating pattern, still distinct per tensor and per row.
     n = shape[0]
     base = random_tensor(name, shape[1:] if len(shape) > 1 else (1,), seed, dtype)
@@ -69,6 +71,7 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 2 << 20,
     fast: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Write a checkpoint for `config` (a dict, a config.json, or a bundled fixture name)."""
     if isinstance(config, str) and not Path(config).exists():
@@ -82,7 +85,7 @@ def write_random_checkpoint(
     writer = ShardedWriter(out, plan_shards([[t] for t in tensors], max_shard_bytes))
     try:
         for key, _, shape in tensors:
-            writer.write(key, _filler(key, shape, seed, dtype, fast))
+            writer.write(key, _filler(key, shape, seed, dtype, fast, device))
         writer.close()
     except BaseException:
         writer.abort()
