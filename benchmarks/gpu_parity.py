@@ -37,7 +37,7 @@ from hetero_convert.io.megatron_checkpoint import iteration_dir, read_plan as re
 from hetero_convert.fixtures import write_random_checkpoint  # noqa: E402
 from hetero_convert.plan import load_plan  # noqa: E402
 from hetero_convert.reference import reference_forward  # noqa: E402
-from hetero_convert.verify import make_inputs, megatron_forward, report_for  # noqa: E402
+from hetero_convert.parity import make_inputs, megatron_forward, report_for  # noqa: E402
 
 SUPER = Path(__file__).resolve().parents[1] / "fixtures" / "released" / "Llama-3_3-Nemotron-Super-49B-v1.json"
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .convert import Summary
     from .layout import LayoutReport
     from .plan import ModelPlan
-    from .verify import ParityReport
+    from .parity import ParityReport
 
 __version__ = "0.1.0"
 
@@ -102,7 +102,7 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
     """Run the HF model and megatron-core's GPTModel (at tp x pp, launched with torchrun unless this process
     is already one of tp*pp ranks) on the same tokens and compare the logits at every position; on failure the
     report names the first layer that differs. `report.ok` is the verdict."""
-    from .verify import verify as _verify
+    from .parity import verify as _verify
 
     return _verify(Path(hf_dir), Path(megatron_dir), tp=tp, pp=pp, device=device, dtype=dtype,
                    prompts=Path(prompts) if prompts else None, batch=batch, seq_len=seq_len, seed=seed,

@@ -66,7 +66,7 @@ def run_demo(workdir: Path, tp: int, pp: int, console: Console, verify: bool = T
     console.print(t)
     ok = not bad and same_blocks
     if verify:
-        from .verify import print_report, verify as run_verify
+        from .parity import print_report, verify as run_verify
 
         console.print(f"4. verify: HF model vs megatron-core GPTModel at TP={tp} PP={pp} on CPU (gloo, fp32)")
         report = run_verify(src, workdir / "megatron", tp=tp, pp=pp, device="cpu", dtype="fp32", batch=2, seq_len=32)

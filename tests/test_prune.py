@@ -250,7 +250,7 @@ def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "prune_scores.json").is_file()
     assert (meg / "latest_checkpointed_iteration.txt").is_file()
     # The pruned model, converted by --megatron, passes verify: megatron-core's GPTModel matches our HF model.
-    from hetero_convert.verify import verify
+    from hetero_convert.parity import verify
 
     parity = verify(out, meg, device="cpu", dtype="fp32", batch=2, seq_len=24, workdir=tmp_path / "verify")
     assert parity.ok, (parity.failures, parity.metrics)

@@ -20,7 +20,7 @@ from hetero_convert.convert import hf_to_megatron
 from hetero_convert.fixtures import write_random_checkpoint
 from hetero_convert.io.hf_index import CheckpointError
 from hetero_convert.reference import LayerStreamedReference, reference_forward
-from hetero_convert.verify import FACTOR, compare_logits, floors, judge, make_inputs, verify_many
+from hetero_convert.parity import FACTOR, compare_logits, floors, judge, make_inputs, verify_many
 
 FIXTURES = ["tiny-every-kind", "tiny-tied", "tiny-ultra-kinds", "tiny-llama"]
 

@@ -269,7 +269,7 @@ def verify(
     import warnings
 
     warnings.filterwarnings("ignore")
-    from ..verify import print_report, verify as run_verify
+    from ..parity import print_report, verify as run_verify
 
     overrides = {k: v for k, v in (("max_rel_diff", max_rel_diff), ("min_top1", min_top1),
                                    ("max_mean_kl", max_mean_kl)) if v is not None}

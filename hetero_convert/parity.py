@@ -1,4 +1,4 @@
-"""Logits parity between the HF model and megatron-core's GPTModel of a converted checkpoint, against fp64.
+"""`verify`: logits parity between the HF model and megatron-core's GPTModel of a converted checkpoint, against fp64.
 
 The Megatron side is megatron-core's GPTModel built from our spec at the requested TP/PP, loaded with
 `dist_checkpointing.load` and run forward-only (through megatron's pipeline schedule when PP > 1) in a torchrun
