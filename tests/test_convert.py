@@ -278,13 +278,19 @@ def test_nan_warns_or_refuses_with_strict(sources, tmp_path):
 
 
 def test_existing_output_needs_overwrite(sources, tmp_path):
+    """--overwrite replaces a previous output of the same kind, never a directory of something else."""
     (tmp_path / "meg").mkdir()
     (tmp_path / "meg" / "keep.txt").write_text("x")
     with pytest.raises(ConversionError, match="exists and is not empty"):
         hf_to_megatron(sources["tiny-tied"], tmp_path / "meg")
+    with pytest.raises(ConversionError, match="--overwrite refused: it has no latest_checkpointed_iteration.txt"):
+        hf_to_megatron(sources["tiny-tied"], tmp_path / "meg", overwrite=True)
     assert (tmp_path / "meg" / "keep.txt").read_text() == "x"
-    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg", overwrite=True)
-    assert not (tmp_path / "meg" / "keep.txt").exists() and (tmp_path / "meg" / "release" / ".metadata").is_file()
+    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg2")
+    (tmp_path / "meg2" / "release" / "stale.distcp").write_text("from the previous run")
+    hf_to_megatron(sources["tiny-tied"], tmp_path / "meg2", overwrite=True)
+    assert not (tmp_path / "meg2" / "release" / "stale.distcp").exists()
+    assert (tmp_path / "meg2" / "release" / ".metadata").is_file()
 
 
 def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from ..errors import JobFailed
 from ..io.checksums import FileHashes
 from ..io.dcp import ByteBudget, finish_metadata, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
-from ..io.staging import Staging
+from ..io.staging import HF, MEGATRON, Staging
 from ..launch import world as launch_world
 from ..packing import balance
 from .assign import hf_shard_costs, tensor_costs
@@ -129,7 +129,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
     called for every chunk written. `distributed`: see `Comm`."""
     t0 = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=MEGATRON,
+                                            sources=[hf_dir]) as stage:
         job, files, mine, hashed = None, [], [], []
 
         def setup():
@@ -195,7 +196,8 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
     `set_total(nbytes)`, called once the checkpoint has been read."""
     t0 = time.time()
     out_dir = Path(out_dir)
-    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=HF,
+                                            sources=[megatron_dir, tokenizer_from]) as stage:
         job, mine = None, []
 
         def setup():
@@ -238,7 +240,8 @@ def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int 
     Summary. Options as for `hf_to_megatron`."""
     t0 = time.time()
     out_dir = Path(out_dir)
-    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0) as stage:
+    with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=MEGATRON,
+                                            sources=[megatron_dir]) as stage:
         job, mine = None, []
 
         def setup():
