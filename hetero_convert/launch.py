@@ -69,6 +69,23 @@ def _log_excerpt(path: Path, chars: int = 6000) -> str:
     return f"{cause}\n[...]\n{tail}"[-chars:]
 
 
+def first_error(path: Path) -> str | None:
+    """The exception line of the first worker traceback in a torchrun log (its rank prefix removed), or None."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    start = next((i for i, l in enumerate(lines) if "Traceback (most recent call last)" in l), None)
+    if start is None:
+        return None
+    prefix = lines[start][: lines[start].index("Traceback")]
+    for line in lines[start + 1:]:
+        body = line[len(prefix):] if line.startswith(prefix) else line
+        if body and not body[0].isspace():
+            return body.strip()[:500]
+    return None
+
+
 def run_under_torchrun(args: Sequence, nproc: int, timeout: float = 600.0, log_file: str | Path | None = None,
                        env: dict | None = None, module: str = "hetero_convert.megatron.worker",
                        extra_path: Sequence[str] = ()) -> subprocess.CompletedProcess:

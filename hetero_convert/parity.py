@@ -178,13 +178,23 @@ def megatron_forward(cases: list[tuple[ModelPlan, Path]], ids: torch.Tensor, mas
         size = world().size
         if size != tp * pp:
             raise ValueError(f"launched with {size} processes, but TP*PP = {tp * pp}")
-        worker.main(args)
+        from .io.dcp import dcp_failures_named
+
+        with dcp_failures_named(", ".join(ckpts)):  # DCP's CheckpointException: one line naming the checkpoint
+            worker.main(args)
         if device == "cuda":
             torch.cuda.empty_cache()  # the reference runs next on this GPU
         if not world().coordinator:
             return []
     else:
-        run_under_torchrun(args, nproc=tp * pp, timeout=timeout, log_file=workdir / "megatron.log")
+        try:
+            run_under_torchrun(args, nproc=tp * pp, timeout=timeout, log_file=workdir / "megatron.log")
+        except RuntimeError as e:
+            from .errors import VerifyError
+            from .launch import first_error
+
+            raise VerifyError(f"{', '.join(ckpts)}: megatron-core could not load or run it at TP={tp} PP={pp}: "
+                              f"{first_error(workdir / 'megatron.log') or str(e).splitlines()[0]}") from e
     return [torch.load(o, weights_only=False) for o in outs]
 
 
@@ -330,6 +340,21 @@ def report_for(hf_dir, meg_dir, plan: ModelPlan, ref: dict[str, StreamOutput], g
                         int(mask.sum()), prompts, metrics, thresholds, failures, layers, first if failures else None)
 
 
+def check_before_loading(it_dir: Path, plan: ModelPlan) -> None:
+    """What megatron-core's loader must not be given unchecked: it unpickles `.metadata` with plain pickle and
+    the common state and objects with torch.load's defaults, so they pass the restricted readers first
+    (`validate_dcp_metadata`); and every stored tensor must be the plan's, as for megatron-to-hf. Every
+    process that loads runs this itself."""
+    from .convert.to_hf import check_megatron_keys
+    from .io.dcp import DCPReader
+    from .io.megatron_checkpoint import read_description
+    from .io.safe_pickle import validate_dcp_metadata
+    from .mappings import bind
+
+    validate_dcp_metadata(it_dir)
+    check_megatron_keys(DCPReader(it_dir), bind(plan), read_description(it_dir), plan)
+
+
 def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device: str = "cpu", dtype: str = "fp32",
                 prompts: Path | None = None, batch: int = 2, seq_len: int = 32, seed: int = 0,
                 thresholds: dict | None = None, workdir: Path | None = None, structural_check: bool = True,
@@ -346,6 +371,7 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         hf_plan = load_plan(hf_dir)
         it_dir = iteration_dir(meg_dir)
         meg_plan = read_plan_from_megatron(it_dir)
+        check_before_loading(it_dir, meg_plan)
         if structural_check:
             diffs = same_model(hf_plan, meg_plan)
             if diffs:

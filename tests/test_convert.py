@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import restate_description
 from safetensors.torch import load_file
 
 from hetero_convert.convert import ConversionError, hf_to_megatron, megatron_to_hf
@@ -313,17 +314,19 @@ def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
 
 def test_megatron_side_missing_and_unexpected_keys(sources, tmp_path):
     hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
-    desc_path = tmp_path / "meg" / "release" / "hetero_convert.json"
-    desc = json.loads(desc_path.read_text())
-    # Claim layer 6 (dummy, no tensors) has a SwiGLU FFN: its tensors are missing.
-    desc["plan"]["layers"][6]["ffn"] = {"kind": "swiglu", "width": 256, "ffn_mult": None}
-    desc_path.write_text(json.dumps(desc))
+
+    def layer6_swiglu(cfg):  # layer 6 (dummy, no tensors) said to have layer 0's SwiGLU FFN: its tensors are missing
+        cfg["block_configs"][6]["ffn"] = dict(cfg["block_configs"][0]["ffn"])
+
+    restate_description(tmp_path / "meg", layer6_swiglu)
     with pytest.raises(ConversionError, match=r"layer 6: missing tensor 'decoder.layers.6.mlp.linear_fc1.weight'"):
         megatron_to_hf(tmp_path / "meg", tmp_path / "back")
-    # Claim layer 0's FFN is removed: its stored tensors are then left over.
-    desc["plan"]["layers"][6]["ffn"] = {"kind": "none", "width": None, "ffn_mult": None}
-    desc["plan"]["layers"][0]["ffn"] = {"kind": "none", "width": None, "ffn_mult": None}
-    desc_path.write_text(json.dumps(desc))
+
+    def layer0_no_ffn(cfg):  # and layer 0's FFN said to be removed: its stored tensors are then left over
+        cfg["block_configs"][6]["ffn"] = {"no_op": True, "ffn_mult": None}
+        cfg["block_configs"][0]["ffn"] = {"no_op": True, "ffn_mult": None}
+
+    restate_description(tmp_path / "meg", layer0_no_ffn)
     with pytest.raises(ConversionError, match=r"unexpected tensor 'decoder.layers.0.mlp.linear_fc1.weight'"):
         megatron_to_hf(tmp_path / "meg", tmp_path / "back")
     assert_nothing_written(tmp_path, "back")
@@ -331,10 +334,7 @@ def test_megatron_side_missing_and_unexpected_keys(sources, tmp_path):
 
 def test_megatron_side_wrong_shape(sources, tmp_path):
     hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg")
-    desc_path = tmp_path / "meg" / "release" / "hetero_convert.json"
-    desc = json.loads(desc_path.read_text())
-    desc["plan"]["layers"][1]["attention"]["num_kv_heads"] = 4
-    desc_path.write_text(json.dumps(desc))
+    restate_description(tmp_path / "meg", lambda cfg: cfg["block_configs"][1]["attention"].update(n_heads_in_group=2))
     with pytest.raises(ConversionError, match=r"layer 1: 'decoder.layers.1.self_attention.linear_qkv.weight' has "
                                               r"shape \[192, 128\], the plan implies \[256, 128\]"):
         megatron_to_hf(tmp_path / "meg", tmp_path / "back")

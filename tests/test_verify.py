@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import restate_description
 from safetensors.torch import load_file, save_file
 
 from hetero_convert.convert import hf_to_megatron
@@ -120,11 +121,9 @@ def test_corruptions_fail_and_name_the_layer_at_hidden_1024(tmp_path):
 
     # The rope factor: megatron's builders fall back to 8 when the factor is not passed; Ultra's is 16.
     meg = Path(shutil.copytree(tmp_path / "meg", tmp_path / "meg-rope"))
-    desc_path = meg / "release" / "hetero_convert.json"
-    desc = json.loads(desc_path.read_text())
-    assert desc["plan"]["rope_scaling"]["factor"] == 16.0
-    desc["plan"]["rope_scaling"]["factor"] = 8.0
-    desc_path.write_text(json.dumps(desc))
+    assert json.loads((meg / "release" / "hetero_convert.json").read_text())["plan"]["rope_scaling"]["factor"] == 16.0
+    # A description that agrees with itself and its source record (the tensors cannot tell the rope factor).
+    restate_description(meg, lambda cfg: cfg["rope_scaling"].update(factor=8.0))
     # The structural check alone already refuses the pair...
     with pytest.raises(ValueError, match="rope_scaling"):
         verify_many([(src, meg)], device="cpu")

@@ -1,8 +1,8 @@
 """The `hetero-convert` command line: each command parses its options, calls the library, and renders.
 
 Heavy imports (torch, megatron-core, transformers) happen inside the commands that need them, so that
-`inspect` answers on a full-size config in well under a second. Refusals (`HeteroConvertError`) are printed as
-one line; anything else is a bug and keeps its traceback.
+`inspect` answers on a full-size config in well under a second. Whatever escapes a command is printed as one
+line (`failures.py`: refusals, known foreign errors, and bugs, whose traceback `--debug` shows).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import typer
 
 from ..errors import HeteroConvertError, JobFailed
 from ..launch import world
-from .render import console, err, print_inspect, print_plan_conversion, print_prune_report, \
+from .failures import Commands, print_error
+from .render import console, print_inspect, print_plan_conversion, print_prune_report, \
     print_spec, print_summary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
                   help="Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core, "
                        "prove the move was exact, and prune them into new heterogeneous shapes.")
@@ -35,13 +36,15 @@ def _version(value: bool):
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                      help="Print the version and exit")):
+                                      help="Print the version and exit"),
+         debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure (a bug report needs "
+                                                           "it) instead of one line")):
     """Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core, prove the
     move was exact, and prune them into new heterogeneous shapes. `hetero-convert COMMAND -h` explains each."""
 
 
 def fail(msg: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    print_error(msg)
     raise typer.Exit(code)
 
 
@@ -106,6 +109,8 @@ def spec(
 
 # ---- conversion ---------------------------------------------------------------------------------------------
 
+OVERWRITE_HELP = ("Replace OUT_DIR if it holds a previous output of this command (never a source, a folder "
+                  "holding one, or a directory of anything else)")
 DISTRIBUTED_HELP = ("Split the work over the processes of a torchrun job (default: when torchrun started more "
                     "than one); output on a filesystem every process sees")
 
@@ -118,7 +123,7 @@ def hf_to_megatron_cmd(
     pp: int = typer.Option(1, "--pp", help="... and at this pipeline-parallel size"),
     dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
@@ -170,7 +175,7 @@ def megatron_to_hf_cmd(
     dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="Copy tokenizer files from here"),
     workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
@@ -201,7 +206,7 @@ def megatron_to_megatron_cmd(
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size to re-chunk for"),
     dtype: str = typer.Option("keep", "--dtype", metavar=DTYPE_CHOICES, help="Output dtype (keep: the source's)"),
     workers: int = typer.Option(1, "--workers", help="Tensors converted concurrently"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),

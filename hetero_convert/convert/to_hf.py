@@ -22,12 +22,17 @@ from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader
 from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, has_tokenizer, plan_shards, \
     write_config, write_generation_config
-from ..io.megatron_checkpoint import HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, read_description, read_plan
+from ..io.description import tensor_problems
+from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
+    read_description, read_plan
 from ..mappings import TensorMapping, bind
 from .common import ErrorSink, Summary, check_finite, parse_size
 
 
-def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping]) -> None:
+def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], description: dict | None = None,
+                        plan=None) -> None:
+    """Every stored key against the plan's mappings (at TP 1), exactly; and, given our description of the
+    checkpoint, what it says about the tensors against them (`io.description.tensor_problems`)."""
     stored = reader.tensor_keys()
     problems = []
     for m in maps:
@@ -44,6 +49,9 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping]) -> None:
             problems.append(f"{m.where}: '{m.megatron}' has shape {list(shape)}, the plan implies {list(m.shape)}")
     absent = reader.missing_bytes()
     problems += [f"{m.where}: '{m.megatron}': {absent[m.megatron]}" for m in maps if m.megatron in absent]
+    if description is not None:
+        where = reader.path / DESCRIPTION_FILE
+        problems += [f"{where}: {p}" for p in tensor_problems(description, plan, maps, stored)]
     known = {m.megatron for m in maps}
     leftover = sorted(k for k in stored if k not in known and not k.startswith(NON_MODEL_PREFIXES))
     problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
@@ -80,9 +88,9 @@ class ToHFJob:
         self.plan = read_plan(self.it_dir)
         self.reader = DCPReader(self.it_dir)
         self.maps = bind(self.plan)
-        check_megatron_keys(self.reader, self.maps)
-        self.stored = self.reader.tensor_keys()
         self.description = read_description(self.it_dir) or {}
+        check_megatron_keys(self.reader, self.maps, self.description or None, self.plan)
+        self.stored = self.reader.tensor_keys()
         carried = self.it_dir / HF_FILES_DIR
         # The tokenizer: the one given, else the one the checkpoint carries from its HF source.
         self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else (carried if has_tokenizer(carried) else None)

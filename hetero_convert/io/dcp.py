@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
+from ..errors import ConversionError
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
 from .safe_pickle import (
@@ -157,9 +158,12 @@ def write_groups(
                     for item, data in produce(groups[g]):
                         rank = rank_of(item)
                         name = f"__{rank}_{file_tag}{t}.distcp"
-                        if rank not in files:
-                            files[rank] = open(Path(path) / name, "wb")
-                        results.append(_write_item(files[rank], name, item, data))
+                        try:
+                            if rank not in files:
+                                files[rank] = open(Path(path) / name, "wb")
+                            results.append(_write_item(files[rank], name, item, data))
+                        except (OSError, RuntimeError) as e:  # disk full: torch.save says only "unexpected pos"
+                            raise ConversionError(write_failure(Path(path) / name, item.index.fqn, e)) from None
                 finally:
                     if budget:
                         budget.release(held)
@@ -171,6 +175,18 @@ def write_groups(
     with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(run, t, picked) for t, picked in enumerate(shares) if picked]
         return [r for fut in futures for r in fut.result()]
+
+
+def write_failure(file: Path, key: str, e: BaseException) -> str:
+    """One line for a failed write: the file, the entry, the error, and the space left where it was going."""
+    import shutil
+
+    text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+    try:
+        free = f"{shutil.disk_usage(file.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{file}: writing {quoted(key)} failed ({type(e).__name__}: {text[:200]}; {free}): a full disk or quota?"
 
 
 def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import CheckpointError, ConversionError
+from ..errors import CheckpointError, ConversionError, PlanError
 from ..plan import ModelPlan, load_plan
 
 DESCRIPTION_FILE = "hetero_convert.json"
@@ -65,28 +65,31 @@ def iteration_dir(path: str | Path) -> Path:
 
 
 def read_description(it_dir: Path) -> dict | None:
-    """Our description of the checkpoint, or None when there is none (a training run's checkpoint)."""
+    """Our description of the checkpoint, or None when there is none (a training run's checkpoint). Every
+    field is type-checked (`description.check_description`); the plan is checked by `read_plan`."""
+    from ..config_checks import read_config_file
+    from .description import check_description
+
     path = Path(it_dir) / DESCRIPTION_FILE
     if not path.is_file():
         return None
     try:
-        desc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(desc, dict) or not isinstance(desc.get("plan"), dict):
-        raise CheckpointError(f"{path}: not a hetero_convert description (no 'plan' object)")
+        desc = read_config_file(path)  # bounded, a JSON object, no key twice
+    except PlanError as e:
+        raise CheckpointError(str(e)) from None
+    check_description(desc, path)
     return desc
 
 
 def read_plan(it_dir: str | Path) -> ModelPlan:
-    """The model's plan: from our description if present, else rebuilt from a training run's saved args."""
+    """The model's plan: from our description if present (once it agrees with itself and its source record),
+    else rebuilt from a training run's saved args."""
+    from .description import plan_from_description
+
     it_dir = Path(it_dir)
     desc = read_description(it_dir)
     if desc is not None:
-        try:
-            return ModelPlan.from_json(desc["plan"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{it_dir / DESCRIPTION_FILE}: malformed plan ({type(e).__name__}: {e})") from None
+        return plan_from_description(desc, it_dir / DESCRIPTION_FILE)
     args = training_args(it_dir)
     encoded = getattr(args, "heterogeneous_layers_config_encoded_json", "") if args is not None else ""
     if encoded:

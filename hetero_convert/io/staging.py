@@ -472,7 +472,7 @@ class Staging:
             self._old_handler = signal.signal(signal.SIGTERM, on_term)
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is not None and self.active:
                 self.cleanup()
@@ -480,3 +480,19 @@ class Staging:
             self.release()
             if self._old_handler is not None:
                 signal.signal(signal.SIGTERM, self._old_handler)
+        if self.active and self.tmp is not None and _write_failure(exc):
+            # A write deep inside a library (torch.save says only "unexpected pos 704 vs 598" when the disk is
+            # full): name the output, and what is left of its filesystem.
+            try:
+                free = f"{shutil.disk_usage(self.out_dir.parent).free:,} bytes free there"
+            except OSError:
+                free = "free space unknown"
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().split("\n")[0]
+            raise ConversionError(f"{self.out_dir}: writing the output failed ({type(exc).__name__}: {text[:200]}; "
+                                  f"{free}): a full disk or quota? Nothing was written") from exc
+
+
+def _write_failure(exc) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+    return isinstance(exc, RuntimeError) and "inline_container" in str(exc) and "PytorchStreamReader" not in str(exc)
