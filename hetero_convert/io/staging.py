@@ -2,8 +2,9 @@
 
 Every command writes into a hidden sibling of its output directory, `.OUT.partial-HOST-PID-START`, and renames
 it into place only when everything succeeded; on any failure (an exception, or SIGTERM, which torchrun sends
-the surviving processes when one dies) the sibling is deleted. One class serves the single-process and the
-distributed paths (where only the coordinator creates, commits and cleans up).
+the surviving processes when one dies), or when the `with` block ends without a commit, the sibling is
+deleted. One class serves the single-process and the distributed paths (where only the coordinator creates,
+commits and cleans up).
 
 What may be replaced (`--overwrite`): an existing OUT must already be an output of the kind being written (a
 Megatron checkpoint root, a HF checkpoint directory, a prune output: `OutputKind`), holding nothing this tool
@@ -152,13 +153,9 @@ def _relation(out: Path, source: Path) -> str | None:
     return None
 
 
-def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = False,
-                 sources: Iterable[str | Path | None] = ()) -> None:
-    """Raise ConversionError unless `out` may be written by a command that writes `kind` from `sources`:
-    it must not be a source, contain one or lie inside one; if it exists it must be a directory, and one
-    that is empty, or (with `overwrite`, or for a kind that reruns in place) an output of `kind` holding only
-    what this tool writes there. Changes nothing."""
-    out = Path(out)
+def check_place(out: Path, sources: Iterable[str | Path | None] = ()) -> None:
+    """The part of `check_output` that needs nothing to exist: OUT is no source, holds none and lies in none,
+    and is no symbolic link."""
     for src in sources:
         if src is not None:
             why = _relation(out, Path(src))
@@ -166,6 +163,16 @@ def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = Fals
                 raise ConversionError(f"{out}: refused as the output: {why} (write the output elsewhere)")
     if out.is_symlink():
         raise ConversionError(f"{out}: refused as the output: it is a symbolic link (give the directory itself)")
+
+
+def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = False,
+                 sources: Iterable[str | Path | None] = ()) -> None:
+    """Raise ConversionError unless `out` may be written by a command that writes `kind` from `sources`:
+    it must not be a source, contain one or lie inside one; if it exists it must be a directory, and one
+    that is empty, or (with `overwrite`, or for a kind that reruns in place) an output of `kind` holding only
+    what this tool writes there. Changes nothing."""
+    out = Path(out)
+    check_place(out, sources)
     if not out.exists():
         return
     if not out.is_dir():
@@ -177,11 +184,14 @@ def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = Fals
     if empty:
         return
     why = kind.problem(out)
-    if not overwrite and not (kind.rerun_in_place and why is None):
-        raise ConversionError(f"{out}: exists and is not empty (--overwrite replaces a previous {kind} there)")
-    if why is not None:
+    if why is None and (overwrite or kind.rerun_in_place):
+        return
+    if overwrite:
         raise ConversionError(f"{out}: --overwrite refused: {why}; only a {kind} is replaced, so it is left "
                               f"as it is")
+    if why is None:
+        raise ConversionError(f"{out}: exists and is not empty (it holds a previous {kind}: --overwrite replaces it)")
+    raise ConversionError(f"{out}: exists and is not empty, and --overwrite would not replace it either: {why}")
 
 
 # ---- owners, locks and a rename that cannot replace -------------------------------------------------------------
@@ -334,7 +344,7 @@ class OutputLock:
 class Staging:
     """`begin()` takes the output lock, cleans up after killed runs, checks OUT may be written (`check_output`)
     and creates the hidden sibling; `commit()` publishes it (replacing an old OUT only then, and only after
-    checking it again); leaving the `with` block by an exception before `commit()` deletes it. The lock is
+    checking it again); leaving the `with` block before `commit()` deletes it. The lock is
     released when the `with` block ends.
 
     `kind`: what is written (MEGATRON, HF, PRUNE; ANY when not given). `sources`: the job's inputs, which OUT
@@ -352,14 +362,14 @@ class Staging:
 
     def begin(self) -> Path:
         out = self.out_dir
-        check_output(out, self.kind, self.overwrite, self.sources)  # before creating anything (or a parent)
+        check_place(out, self.sources)  # before creating anything (a parent, the lock file)
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(out)
         if lock.acquire():
             self._lock = lock
         try:
             self.recover()
-            check_output(out, self.kind, self.overwrite, self.sources)  # again: recover() may restore OUT
+            check_output(out, self.kind, self.overwrite, self.sources)  # after recover(), which may restore OUT
             me = Owner.me()
             tmp = out.parent / f".{out.name}.partial-{me.tag()}"
             if tmp.exists():  # only a folder of this very process could have this name
@@ -474,8 +484,8 @@ class Staging:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is not None and self.active:
-                self.cleanup()
+            if self.active:
+                self.cleanup()  # (a no-op once committed)
         finally:
             self.release()
             if self._old_handler is not None:
