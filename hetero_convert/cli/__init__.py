@@ -8,6 +8,7 @@ line (`failures.py`: refusals, known foreign errors, and bugs, whose traceback `
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ import typer
 
 from ..errors import HeteroConvertError, JobFailed
 from ..launch import world
-from .failures import Commands, print_error
+from .failures import Commands, debugging, print_error
 from .render import console, print_inspect, print_plan_conversion, print_prune_report, \
     print_spec, print_summary
 
@@ -44,6 +45,8 @@ def main(version: bool = typer.Option(False, "--version", "-V", callback=_versio
 
 
 def fail(msg: str, code: int = 1):
+    if debugging() and sys.exc_info()[1] is not None:  # called while handling a refusal: --debug shows where
+        raise sys.exc_info()[1]
     print_error(msg)
     raise typer.Exit(code)
 

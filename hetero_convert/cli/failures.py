@@ -88,27 +88,30 @@ def print_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False)
 
 
-def debugging(ctx=None) -> bool:
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-        return True
-    while ctx is not None:
-        if ctx.params.get("debug"):
-            return True
-        ctx = ctx.parent
-    return False
+def debugging() -> bool:
+    """--debug (the app's option sets the variable while a command runs) or HETERO_CONVERT_DEBUG=1."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class Commands(TyperGroup):
     """The app's command group: runs a command, and turns whatever escapes it into one line (see above)."""
 
     def invoke(self, ctx):
+        before = os.environ.get(DEBUG_ENV)
+        if ctx.params.get("debug"):
+            os.environ[DEBUG_ENV] = "1"  # also seen by `fail()` inside commands, and by the workers they start
         try:
             return super().invoke(ctx)
         except PASS_THROUGH:
             raise
         except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
-            if debugging(ctx):
+            if debugging():
                 raise
             if not (isinstance(e, JobFailed) and not world().coordinator):
                 print_error(describe(e)[0])
             raise typer.Exit(1) from None
+        finally:
+            if before is None:
+                os.environ.pop(DEBUG_ENV, None)
+            else:
+                os.environ[DEBUG_ENV] = before

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..errors import ConversionError
 from ..io.dcp import DCPReader, extra_state_payload
-from ..io.megatron_checkpoint import HF_FILES_DIR, ITERATION_DIR, iteration_dir, read_description, read_plan, \
-    write_description, write_megatron_files
+from ..io.description import padding_problem
+from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, ITERATION_DIR, iteration_dir, read_description, \
+    read_plan, write_description, write_megatron_files
 from ..layout import require_layout
 from ..mappings import DictSource, TensorMapping, bind
 from .common import ErrorSink, Summary, check_finite
@@ -66,6 +68,8 @@ class ReshardJob:
         name = next(it.index.fqn for it in group if it.type.name != "BYTE_IO")
         m = self.by_name[name]
         full = self.reader.load(m.megatron)
+        if m.vocab_padded and self.source_description and padding_problem(m, full):
+            raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {padding_problem(m, full)}")
         # Back to the HF tensors (global shapes do not depend on TP, except the vocabulary padding, which is
         # dropped here and redone for the target), then chunked for the target layout.
         hf = [full[: m.vocab_rows]] if m.vocab_padded else m.to_hf(full)

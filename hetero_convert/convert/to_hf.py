@@ -22,7 +22,7 @@ from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader
 from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, has_tokenizer, plan_shards, \
     write_config, write_generation_config
-from ..io.description import tensor_problems
+from ..io.description import padding_problem, tensor_problems
 from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
     read_description, read_plan
 from ..mappings import TensorMapping, bind
@@ -57,7 +57,8 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], descriptio
     problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
                  for k in leftover]
     if problems:
-        raise ConversionError(f"{len(problems)} problem(s) with the Megatron checkpoint, nothing written:\n  - "
+        raise ConversionError(f"{len(problems)} problem(s) with the Megatron checkpoint {reader.path}, nothing "
+                              f"written:\n  - "
                               + "\n  - ".join(problems[:50]))
 
 
@@ -124,6 +125,10 @@ class ToHFJob:
         except Exception as e:  # a corrupt chunk: name the tensor, not only the zip reader's complaint
             raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        if m.vocab_padded and self.description:
+            problem = padding_problem(m, full)
+            if problem:
+                raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {problem}")
         for key, t in zip(m.hf, m.to_hf(full)):
             t = t.to(self.dtype_of(m))
             check_finite(t, f"{m.where}: {key}", self.sink, self.strict)

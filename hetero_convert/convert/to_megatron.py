@@ -48,7 +48,7 @@ def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
         problems.append(f"unexpected tensor '{key}' {list(ckpt.tensors[key].shape)}: the config has no place "
                         f"for it (does config.json match the weights?)")
     if problems:
-        raise ConversionError(f"{len(problems)} problem(s) with the HF checkpoint, nothing written:\n  - "
+        raise ConversionError(f"{len(problems)} problem(s) with the HF checkpoint {ckpt.dir}, nothing written:\n  - "
                               + "\n  - ".join(problems[:50]))
 
 

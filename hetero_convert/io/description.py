@@ -195,3 +195,16 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
         problems.append(f"dtype is {desc['dtype']}, the stored tensors are "
                         f"{sorted(str(d).replace('torch.', '') for d in held)}")
     return problems
+
+
+def padding_problem(m, full) -> str | None:
+    """The rows of a vocabulary tensor beyond the vocabulary are cut off on the way out. Our writers fill them
+    with zeros (Megatron's padding), so in a checkpoint that carries our description a non-zero row there
+    is a real row that a smaller vocab_size would cut: the one thing about the vocabulary that the shapes
+    cannot tell when both sizes pad to the same rows."""
+    pad = full[m.vocab_rows:]
+    if pad.numel() == 0 or not bool(pad.any()):
+        return None
+    first = m.vocab_rows + int(pad.reshape(pad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+    return (f"vocab_size {m.vocab_rows} would cut real rows: row {first} of '{m.megatron}' lies beyond it and is "
+            f"not zero padding")

@@ -45,17 +45,17 @@ def read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path.name}: truncated (only {size} bytes, no safetensors header)")
+            raise CheckpointError(f"{path}: truncated (only {size} bytes, no safetensors header)")
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8:
-            raise CheckpointError(f"{path.name}: header length {n} exceeds the file size {size}: truncated or corrupt")
+            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}: truncated or corrupt")
         if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path.name}: header length {n} exceeds the safetensors limit of "
+            raise CheckpointError(f"{path}: header length {n} exceeds the safetensors limit of "
                                   f"{MAX_HEADER_BYTES} bytes")
         text = f.read(n)
     header = strict_json(text, path.name, "safetensors header")
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
                               f"object)")
     return header, 8 + n
 
@@ -76,10 +76,10 @@ def parse_header(path: Path) -> list[TensorInfo]:
     data_len = size - data_start
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     infos = []
     for name, entry in header.items():
-        what = f"{path.name}: tensor {quoted(name)}"
+        what = f"{path}: tensor {quoted(name)}"
         if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
             got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             raise CheckpointError(f"{what}: corrupt header entry {quoted(got)} (needs exactly dtype, shape, "
@@ -95,7 +95,7 @@ def parse_header(path: Path) -> list[TensorInfo]:
                                   f"0 <= begin <= end")
         begin, end = offsets
         if end > data_len:
-            raise CheckpointError(f"{path.name}: truncated: tensor {quoted(name)} needs bytes up to "
+            raise CheckpointError(f"{path}: truncated: tensor {quoted(name)} needs bytes up to "
                                   f"{data_start + end} but the file has {size}")
         # the element count stops growing past the data section: a shape of huge numbers is refused cheaply
         count = 0 if 0 in shape else 1
@@ -115,11 +115,11 @@ def parse_header(path: Path) -> list[TensorInfo]:
         begin = info.offset - data_start
         if begin != at:
             why = "overlaps the tensor before it" if begin < at else f"leaves bytes {at}..{begin} unowned"
-            raise CheckpointError(f"{path.name}: tensor {quoted(info.name)} at data offset {begin} {why}: "
+            raise CheckpointError(f"{path}: tensor {quoted(info.name)} at data offset {begin} {why}: "
                                   f"corrupt header")
         at = begin + info.nbytes
     if at != data_len:
-        raise CheckpointError(f"{path.name}: the tensors end at data offset {at} but the data section has "
+        raise CheckpointError(f"{path}: the tensors end at data offset {at} but the data section has "
                               f"{data_len} bytes: corrupt header or trailing data")
     return infos
 
@@ -146,7 +146,7 @@ class HFCheckpoint:
         for fname in files:
             for info in parse_header(self.dir / fname):
                 if info.name in self.tensors:
-                    raise CheckpointError(f"tensor {quoted(info.name)} appears in both "
+                    raise CheckpointError(f"{self.dir}: tensor {quoted(info.name)} appears in both "
                                           f"{self.tensors[info.name].file.name} and {fname}")
                 self.tensors[info.name] = info
         if weight_map is not None:
@@ -215,7 +215,7 @@ class HFCheckpoint:
         while done < n:
             got = os.preadv(fd, [buf[done:]], offset + done)
             if got <= 0:
-                raise CheckpointError(f"{info.file.name}: unexpected end of file reading tensor '{info.name}'")
+                raise CheckpointError(f"{info.file}: unexpected end of file reading tensor '{info.name}'")
             done += got
 
     def total_bytes(self) -> int:
