@@ -168,10 +168,14 @@ MEGATRON_CASES = {
     "description tensor_parallel contradicts the chunks": (desc(lambda d: set_in(d, "tensor_parallel", 4)),
                                                            ["'embedding.word_embeddings.weight' is stored in 2 row "
                                                             "chunk(s), the description says tensor_parallel 4"]),
+    "description pipeline_parallel no layout": (desc(lambda d: set_in(d, "pipeline_parallel", 11)),
+                                                ["hetero_convert.json: tensor_parallel 2 and pipeline_parallel 11 are "
+                                                 "no layout this model can be written at: 10 layers cannot fill PP=11 "
+                                                 "stages"]),
     "forged description, vocab cut within the padding": (
         lambda m: restate_description(m, lambda c: c.update(vocab_size=900)),
         ["hetero_convert.json: vocab_size 900 would cut real rows: row 900 of 'embedding.word_embeddings.weight' "
-         "lies beyond it and is not zero padding"]),
+         "lies beyond it and is not the zero padding this tool writes there"]),
     "forged description, another width": (
         lambda m: restate_description(m, lambda c: set_in(c, "block_configs.0.ffn.ffn_mult", 4.0)),
         ["problem(s) with the Megatron checkpoint", "nothing written: layer 0: 'decoder.layers.0.mlp.linear_fc1.weight'"

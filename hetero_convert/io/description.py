@@ -10,8 +10,9 @@ Someone else can write one, so it is as untrusted as the tensors. What it says m
     rope theta, an eps or a vocabulary size edited in the plan alone is refused);
   - **the stored tensors** (`tensor_problems`, given DCP's metadata): the vocabulary rows of the embedding
     and output layer are exactly `padded_vocab_size` (a smaller vocabulary would cut real rows), split in
-    `tensor_parallel` chunks, and `dtype` is the stored tensors' dtype. Widths, KV heads, hidden size, layer
-    count and tying are the plan's shapes and keys, which `check_megatron_keys` compares exactly.
+    `tensor_parallel` chunks, `dtype` is the stored tensors' dtype, and (TP, PP) is a layout the model can be
+    written at. Widths, KV heads, hidden size, layer count and tying are the plan's shapes and keys, which
+    `check_megatron_keys` compares exactly.
 Every refusal is one `CheckpointError` line naming the file and the field.
 """
 
@@ -172,10 +173,14 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
     """What the description says that the stored tensors (DCP metadata: `stored[key].size`, `.chunks`,
     `.properties.dtype`) contradict. `maps` are the plan's mappings (at TP 1)."""
     from ..dtypes import CONFIG as DTYPES
-    from ..layout import padded_vocab_size
+    from ..layout import check_layout, padded_vocab_size
 
     problems = []
-    tp, padded = desc["tensor_parallel"], desc["padded_vocab_size"]
+    tp, pp, padded = desc["tensor_parallel"], desc["pipeline_parallel"], desc["padded_vocab_size"]
+    layout = check_layout(plan, tp, pp)  # (pipeline_parallel says nothing else a reader uses)
+    if not layout.ok:
+        problems.append(f"tensor_parallel {tp} and pipeline_parallel {pp} are no layout this model can be written "
+                        f"at: {'; '.join(layout.grouped())}")
     if padded != padded_vocab_size(plan.vocab_size, tp):
         problems.append(f"padded_vocab_size is {padded}, but the vocabulary of {plan.vocab_size} padded for "
                         f"TP={tp} is {padded_vocab_size(plan.vocab_size, tp)}")
@@ -198,13 +203,16 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
 
 
 def padding_problem(m, full) -> str | None:
-    """The rows of a vocabulary tensor beyond the vocabulary are cut off on the way out. Our writers fill them
-    with zeros (Megatron's padding), so in a checkpoint that carries our description a non-zero row there
-    is a real row that a smaller vocab_size would cut: the one thing about the vocabulary that the shapes
-    cannot tell when both sizes pad to the same rows."""
+    """The rows of the embedding beyond the vocabulary are cut off on the way out. Our writers fill them with
+    zeros (Megatron's padding), and training keeps them so (no token id reaches them), so in a checkpoint that
+    carries our description a non-zero row there is a real row that a smaller vocab_size would cut: the one
+    thing about the vocabulary that the shapes cannot tell when both sizes pad to the same rows. (The output
+    layer's padding rows do get gradients; they are not checked.)"""
+    if not m.megatron.startswith("embedding."):
+        return None
     pad = full[m.vocab_rows:]
     if pad.numel() == 0 or not bool(pad.any()):
         return None
     first = m.vocab_rows + int(pad.reshape(pad.shape[0], -1).any(dim=1).nonzero()[0, 0])
     return (f"vocab_size {m.vocab_rows} would cut real rows: row {first} of '{m.megatron}' lies beyond it and is "
-            f"not zero padding")
+            f"not the zero padding this tool writes there")
