@@ -170,7 +170,7 @@ MEGATRON_CASES = {
                                                             "chunk(s), the description says tensor_parallel 4"]),
     "description pipeline_parallel no layout": (desc(lambda d: set_in(d, "pipeline_parallel", 11)),
                                                 ["hetero_convert.json: tensor_parallel 2 and pipeline_parallel 11 are "
-                                                 "no layout this model can be written at: 10 layers cannot fill PP=11 "
+                                                 "no layout this model can be written at: model: pipeline_parallel: 10 layers cannot fill PP=11 "
                                                  "stages"]),
     "forged description, vocab cut within the padding": (
         lambda m: restate_description(m, lambda c: c.update(vocab_size=900)),
