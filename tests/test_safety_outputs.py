@@ -459,5 +459,6 @@ def test_a_full_disk_is_one_line_naming_the_file(refs, tmp_path, direction):
         assert "failed (ConversionError" not in lines[0] and "unexpected pos" in lines[0]
         assert "bytes free there): a full disk or quota?" in lines[0]
     else:
-        assert ".safetensors: [Errno 27] File too large" in lines[0] and "writing 'model." in lines[0]
+        assert "/.out.partial-" in lines[0] and ".safetensors: [Errno 27] File too large" in lines[0]
+        assert "writing 'model." in lines[0]
     assert not out.exists() and hidden(tmp_path, "out") == []

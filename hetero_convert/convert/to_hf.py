@@ -135,7 +135,7 @@ class ToHFJob:
             try:
                 w.write(key, t)
             except OSError as e:  # disk full, I/O error: say which tensor and shard
-                raise ConversionError(f"{m.where}: writing '{key}' to {w.writer_of(key).path.name}: {e}") from e
+                raise ConversionError(f"{m.where}: writing '{key}' to {w.writer_of(key).path}: {e}") from e
             with self.lock:
                 self.summary.chunks += 1
                 self.summary.bytes_written += t.numel() * t.element_size()
