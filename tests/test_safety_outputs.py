@@ -83,6 +83,7 @@ def test_overwrite_never_deletes_the_source_its_parent_or_a_foreign_directory(re
     hf_plus = Path(shutil.copytree(refs["hf"], work / "hf-plus"))
     (hf_plus / "README.md").write_text("# model card")
     (work / "a-file").write_text("x")
+    shutil.copytree(meg, src / "meg")  # an earlier output made inside the source folder (allowed: it was new)
     before = {"tmp": tree(tmp_path)}
     cases = [
         (["hf-to-megatron", src, src], f"{src}: refused as the output: it is the source {src}"),

@@ -26,6 +26,10 @@ from pathlib import Path
 from ..errors import CheckpointError, PlanError
 
 SOURCE_FORMATS = ("decilm", "decilm-newer", "decilm-7b", "llama")
+# Plan fields that its config form (`hf_config()`) does not carry: taken as stated (checked against the source
+# record when there is one). A new ModelPlan field either round-trips through hf_config / load_plan or is
+# listed here.
+NOT_IN_CONFIG_FORM = ("source_format",)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # dtypes.CONFIG's names (kept torch-free: `inspect` reads this)
 MAX_PARALLEL = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -145,7 +149,7 @@ def plan_from_description(desc: dict, path: Path):
     except PlanError as e:
         raise CheckpointError(f"{path}: plan: {_without_prefix(e)}") from None
     stated = _json(raw)
-    again = _json(checked.to_json()) | {"source_format": plan.source_format}
+    again = _json(checked.to_json()) | {k: stated[k] for k in NOT_IN_CONFIG_FORM if k in stated}
     diff = first_difference(stated, again)
     if diff:
         raise CheckpointError(f"{path}: plan.{diff} (the plan rebuilt from its own config form): the plan "

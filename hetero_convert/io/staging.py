@@ -8,7 +8,8 @@ commits and cleans up).
 
 What may be replaced (`--overwrite`): an existing OUT must already be an output of the kind being written (a
 Megatron checkpoint root, a HF checkpoint directory, a prune output: `OutputKind`), holding nothing this tool
-would not write there, and must not be a source of the job, contain one or lie inside one. A thesis, a `.git`,
+would not write there, and must not be a source of the job, contain one or lie inside one (a new OUT may be
+made anywhere). A thesis, a `.git`,
 a home directory or the source's parent are refused with the reason, and left as they are.
 
 Races: a lock (`.OUT.lock` beside OUT, `flock`) is held from the check in `begin()` to the end of `commit()`,
@@ -154,8 +155,11 @@ def _relation(out: Path, source: Path) -> str | None:
 
 
 def check_place(out: Path, sources: Iterable[str | Path | None] = ()) -> None:
-    """The part of `check_output` that needs nothing to exist: OUT is no source, holds none and lies in none,
-    and is no symbolic link."""
+    """The part of `check_output` that looks at no content: OUT is no symbolic link, and, if it exists, no
+    source, holding none and lying in none. (A new OUT may be made anywhere, even inside a source's folder:
+    that changes nothing that exists.)"""
+    if not os.path.lexists(out):
+        return
     for src in sources:
         if src is not None:
             why = _relation(out, Path(src))
@@ -167,10 +171,10 @@ def check_place(out: Path, sources: Iterable[str | Path | None] = ()) -> None:
 
 def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = False,
                  sources: Iterable[str | Path | None] = ()) -> None:
-    """Raise ConversionError unless `out` may be written by a command that writes `kind` from `sources`:
-    it must not be a source, contain one or lie inside one; if it exists it must be a directory, and one
-    that is empty, or (with `overwrite`, or for a kind that reruns in place) an output of `kind` holding only
-    what this tool writes there. Changes nothing."""
+    """Raise ConversionError unless `out` may be written by a command that writes `kind` from `sources`: if it
+    exists it must not be a source, contain one or lie inside one, and must be a directory, and one that is
+    empty, or (with `overwrite`, or for a kind that reruns in place) an output of `kind` holding only what
+    this tool writes there. Changes nothing."""
     out = Path(out)
     check_place(out, sources)
     if not out.exists():
