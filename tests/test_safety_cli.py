@@ -296,3 +296,18 @@ def test_verify_refuses_before_megatron_core_loads(good, tmp_path):
     with pytest.raises(ConversionError, match="unexpected tensor 'output_layer.weight'"):
         verify_many([(good["hf"], meg2)], structural_check=False, workdir=tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_failed_megatron_worker_is_named_by_its_exception_line(tmp_path):
+    """verify's own torchrun job: the line the user sees is the worker's exception, not torchrun's."""
+    from hetero_convert.launch import first_error
+
+    log = tmp_path / "megatron.log"
+    log.write_text("W1130 starting\n[rank1]: Traceback (most recent call last):\n[rank1]:   File \"w.py\", line 3\n"
+                   "[rank1]:     load()\n[rank1]: CheckpointingException: Missing key in checkpoint state_dict: "
+                   "decoder.layers.0.self_attention.linear_proj._extra_state/shard_0_1.\nE1130 failed\n"
+                   "Traceback (most recent call last):\n  File \"run.py\"\ntorch.distributed.elastic.ChildFailedError\n")
+    assert first_error(log) == ("CheckpointingException: Missing key in checkpoint state_dict: "
+                                "decoder.layers.0.self_attention.linear_proj._extra_state/shard_0_1.")
+    log.write_text("no traceback at all\n")
+    assert first_error(log) is None and first_error(tmp_path / "absent.log") is None
