@@ -16,11 +16,9 @@ HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -30,16 +28,13 @@ from ..io.checksums import FileHashes
 from ..io.dcp import ByteBudget, finish_metadata, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import Staging
-from ..launch import world as launch_world
+from ..launch import job_store, world as launch_world
 from ..packing import balance
 from .assign import hf_shard_costs, tensor_costs
 from .common import Summary
 from .reshard import ReshardJob
 from .to_hf import ToHFJob
 from .to_megatron import ToMegatronJob
-
-TIMEOUT_ENV = "HETERO_CONVERT_TIMEOUT_S"
-
 
 class Comm:
     """The job's processes, and the two collectives the driver needs: all-gather of small objects, barrier.
@@ -69,12 +64,7 @@ class Comm:
             return
         self.rank, self.world = env.rank, env.size
         if self.world > 1:
-            timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 12 * 3600)))
-            # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); other launchers leave it to rank 0
-            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                       world_size=self.world, is_master=not agent and self.rank == 0,
-                                       timeout=timeout, wait_for_workers=False)
+            self.store = job_store()
             Comm._jobs += 1
             self.prefix = f"hetero_convert/{env.run_id}/{Comm._jobs}"
             self.rounds = 0
