@@ -82,11 +82,11 @@ def evict(source: Path, mode: str) -> str:
     return "source"
 
 
-def timed_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, int]:
     """Wall seconds (until the output is on disk: the sync is part of the step) and the largest peak RSS
     (bytes) of the child and its descendants."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     os.sync()
     elapsed = time.perf_counter() - t
@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--torchrun-workers", type=int, default=2, help="--workers of each torchrun process")
     ap.add_argument("--copy-procs", type=int, default=8, help="processes of the parallel-copy floor")
     ap.add_argument("--reshard", action="store_true", help="also time megatron-to-megatron from TP=1")
+    ap.add_argument("--compare-with", default=None, metavar="DIR",
+                    help="a source tree of another version (its hetero_convert/, mappings/, fixtures/): also time its "
+                         "hf-to-megatron and megatron-to-hf at each --tp with the largest --workers")
     ap.add_argument("--workdir", default="/tmp/hc_bench")
     ap.add_argument("--evict", choices=("source", "all"), default="source")
     ap.add_argument("--json-out", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "convert.jsonl"))
@@ -193,11 +196,13 @@ def main() -> None:
         record({"size_GB": round(size / 1e9, 2), "step": f"parallel copy x{args.copy_procs}",
                 "seconds": round(par_s, 2)})
 
-        def step(name: str, cmd: list[str], source: Path, out: Path, keep: bool = False):
+        def step(name: str, cmd: list[str], source: Path, out: Path, keep: bool = False, other: str | None = None):
             shutil.rmtree(out, ignore_errors=True)
             evict(source, args.evict)
-            secs, rss = timed_child(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"} if cmd[:3] == torchrun[:3]
-                                    else None)
+            env = {**os.environ, "OMP_NUM_THREADS": "1"} if cmd[:3] == torchrun[:3] else dict(os.environ)
+            if other:  # the other version's package first, and not the current directory's
+                env["PYTHONPATH"] = other
+            secs, rss = timed_child(cmd, env=env, cwd=other)
             record({"size_GB": round(size / 1e9, 2), "step": name, "seconds": round(secs, 2),
                     "vs_cp": round(secs / cp_s, 2), "vs_parallel_copy": round(secs / par_s, 2),
                     "peak_rss_MiB": round(rss / 2**20), "bound_MiB": round(bound / 2**20),
@@ -225,6 +230,17 @@ def main() -> None:
                 step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
                                  str(root / "out"), "--workers", str(args.torchrun_workers)], megs[tp], root / "out")
+        if args.compare_with:
+            other, w = str(Path(args.compare_with).resolve()), max(ints(args.workers))
+            for tp in ints(args.tp):
+                old_meg = root / f"old-meg-tp{tp}"
+                step(f"other version: hf-to-megatron TP={tp} workers={w}", cli + ["hf-to-megatron", str(src),
+                     str(old_meg), "--tp", str(tp), "--workers", str(w), "--json"], src, old_meg, keep=True,
+                     other=other)
+                step(f"other version: megatron-to-hf from TP={tp} workers={w}", cli + ["megatron-to-hf",
+                     str(old_meg), str(root / "out"), "--workers", str(w), "--json"], old_meg, root / "out",
+                     other=other)
+                shutil.rmtree(old_meg, ignore_errors=True)
         if args.reshard and 1 in megs:
             for tp in [t for t in ints(args.tp) if t != 1]:
                 w = max(ints(args.workers))

@@ -100,8 +100,9 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
            dtype: str = "fp32", prompts: str | Path | None = None, batch: int = 2, seq_len: int = 32,
            seed: int = 0, thresholds: dict | None = None, workdir: str | Path | None = None) -> "ParityReport":
     """Run the HF model and megatron-core's GPTModel (at tp x pp, launched with torchrun unless this process
-    is already one of tp*pp ranks) on the same tokens and compare the logits at every position; on failure the
-    report names the first layer that differs. `report.ok` is the verdict."""
+    is already one of tp*pp ranks) on the same tokens and judge its logits against the fp64 HF model; on
+    failure the report names the first layer that differs. `report.ok` is the verdict; under your own torchrun
+    every rank returns the same report."""
     from .parity import verify as _verify
 
     return _verify(Path(hf_dir), Path(megatron_dir), tp=tp, pp=pp, device=device, dtype=dtype,

@@ -43,6 +43,46 @@ def world() -> World:
     return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), True, run_id)
 
 
+_STORE = None
+
+
+def job_store():
+    """A client of this torch.distributed job's key-value store (TCPStore at MASTER_ADDR:MASTER_PORT): torchrun's
+    agent hosts it (TORCHELASTIC_USE_AGENT_STORE); other env:// launchers leave it to rank 0. Every process of the
+    job reaches it, so small objects can be exchanged without a process group (and its threads). The timeout is
+    HETERO_CONVERT_TIMEOUT_S (default 12 h: a peer may be busy converting its share of a huge model)."""
+    global _STORE
+    if _STORE is None:
+        import datetime
+
+        import torch.distributed as dist
+
+        env = world()
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        timeout = datetime.timedelta(seconds=float(os.environ.get("HETERO_CONVERT_TIMEOUT_S", 12 * 3600)))
+        _STORE = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=env.size,
+                               is_master=not agent and env.rank == 0, timeout=timeout, wait_for_workers=False)
+    return _STORE
+
+
+_SHARED: dict[str, int] = {}
+
+
+def share_from_coordinator(obj, key: str):
+    """Rank 0's `obj` on every process of the job (all call it, with the same key, in the same order)."""
+    import pickle
+
+    env = world()
+    if env.size == 1:
+        return obj
+    _SHARED[key] = _SHARED.get(key, 0) + 1
+    store, full = job_store(), f"hetero_convert/{env.run_id}/{key}/{_SHARED[key]}"
+    if env.coordinator:
+        store.set(full, pickle.dumps(obj))
+        return obj
+    return pickle.loads(store.get(full))  # written by our own rank 0
+
+
 def _log_excerpt(path: Path, chars: int = 6000) -> str:
     """The first worker traceback (the root cause; torchrun's own traceback that follows only says that a
     child failed), then the end of the log."""

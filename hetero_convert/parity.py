@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .io.megatron_checkpoint import iteration_dir, read_plan as read_plan_from_megatron
-from .launch import world
+from .launch import share_from_coordinator, world
 from .plan import ModelPlan, load_plan
 from .reference import StreamOutput, reference_forward
 
@@ -380,14 +380,11 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         plans.append(meg_plan)
     vocab = min(p.vocab_size for p in plans)
     ids, mask, source = make_inputs(Path(pairs[0][0]), vocab, prompts, batch, seq_len, seed, text)
-    rank0 = world().coordinator
     # Megatron first: a checkpoint that does not load fails before the long reference pass, and under the
     # user's torchrun the other ranks are done before rank 0 starts the reference alone.
     with tempfile.TemporaryDirectory() as tmp:
         # Under a user's torchrun every rank must use the same folder; the caller passes one (--workdir).
         meg_out = megatron_forward(cases, ids, mask, tp, pp, dtype, device, Path(workdir or tmp))
-    if not rank0:
-        return []
     reports, refs = [], {}
     for (hf_dir, meg_dir), plan, got in zip(pairs, plans, meg_out):
         key = Path(hf_dir).resolve()
@@ -396,13 +393,13 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         ref = refs[key]
         reports.append(report_for(hf_dir, meg_dir, plan, ref, got, mask, dtype, tp, pp, device, source, factor,
                                   thresholds))
-    return reports
+    # Under the user's torchrun, rank 0 judged alone: every rank gets its reports.
+    return share_from_coordinator(reports, "verify") if world().launched else reports
 
 
-def verify(hf_dir: Path, megatron_dir: Path, **kw) -> ParityReport | None:
-    """One pair; None on the non-zero ranks of a torchrun the user started."""
-    reports = verify_many([(Path(hf_dir), Path(megatron_dir))], **kw)
-    return reports[0] if reports else None
+def verify(hf_dir: Path, megatron_dir: Path, **kw) -> ParityReport:
+    """One pair; under the user's own torchrun, every rank returns the report rank 0 made."""
+    return verify_many([(Path(hf_dir), Path(megatron_dir))], **kw)[0]
 
 
 def print_report(r: ParityReport, console, show_layers: bool = False) -> None:

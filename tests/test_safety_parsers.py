@@ -859,7 +859,7 @@ def test_garbled_chunk_at_tp2_names_the_tensor_and_dcp_exception_is_caught(megat
     # DCP's own load of the same chunk raises CheckpointException, a BaseException: named, one line
     target = {key: torch.empty(tuple(reader.metadata.state_dict_metadata[key].size), dtype=torch.bfloat16)}
     with pytest.raises(CheckpointError) as e, dcp_failures_named(f"{it}: '{key}'"):
-        dcp.load(target, storage_reader=reader.reader, no_dist=True)
+        dcp.load(target, storage_reader=dcp.FileSystemReader(str(it)), no_dist=True)
     assert_one_line(e.value, key)
 
 

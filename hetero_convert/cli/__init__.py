@@ -292,8 +292,8 @@ def verify(
                             reference_device=reference_device, text=False if random_tokens else None)
     except (HeteroConvertError, ValueError, RuntimeError, FileNotFoundError) as e:
         fail(str(e))
-    if report is None:  # a non-zero rank under the user's torchrun
-        return
+    if not env.coordinator:  # under the user's torchrun: rank 0 speaks for the job
+        raise typer.Exit(0 if report.ok else 1)
     if as_json:
         print(json.dumps(report.as_dict(), indent=1))
     else:

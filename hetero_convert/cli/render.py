@@ -39,8 +39,8 @@ def print_inspect(d: dict, path) -> None:
     console.print(t)
     c = d["counts"]
     console.print(
-        f"parameters: [bold]{d['parameters'] / 1e9:.2f}B[/] ({d['parameters']:,}); non-embedding "
-        f"{d['non_embedding_parameters'] / 1e9:.2f}B; KV cache {human_bytes(d['kv_cache_bytes_per_token_bf16'])}"
+        f"parameters: [bold]{human(d['parameters'])}[/] ({d['parameters']:,}); non-embedding "
+        f"{human(d['non_embedding_parameters'])}; KV cache {human_bytes(d['kv_cache_bytes_per_token_bf16'])}"
         f"/token (bf16)\nlayers: {c['gqa_attention']} GQA, {c['linear_attention']} linear-attention, "
         f"{c['no_attention']} attention-free; {c['swiglu_ffn']} SwiGLU, {c['linear_ffn']} linear-FFN, "
         f"{c['no_ffn']} FFN-free; {c['dummy_layers']} dummy", highlight=False)

@@ -16,10 +16,9 @@ HETERO_CONVERT_TIMEOUT_S sets the collectives' timeout (default 12 h: a share of
 
 from __future__ import annotations
 
-import os
+import pickle
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -29,7 +28,7 @@ from ..io.checksums import FileHashes
 from ..io.dcp import ByteBudget, finish_metadata, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import HF, MEGATRON, Staging
-from ..launch import world as launch_world
+from ..launch import job_store, world as launch_world
 from ..packing import balance
 from .assign import hf_shard_costs, tensor_costs
 from .common import Summary
@@ -37,18 +36,23 @@ from .reshard import ReshardJob
 from .to_hf import ToHFJob
 from .to_megatron import ToMegatronJob
 
-TIMEOUT_ENV = "HETERO_CONVERT_TIMEOUT_S"
-
-
 class Comm:
-    """The job's processes: a gloo group (fine on CPU and GPU nodes), created here unless one exists. A job of
-    one process has no group and trivial collectives.
+    """The job's processes, and the two collectives the driver needs: all-gather of small objects, barrier.
+
+    Under torchrun (or any env:// launcher) they go through the launcher's key-value store (TCPStore), which
+    every process already reaches: no process group, so no gloo threads whose teardown at exit aborted a process
+    now and then ("terminate called without an active exception", 1 run in 3 with 4 processes), and no group
+    set-up at start. Inside a job whose process group is already initialised (a training or RL script), that
+    group is used (a gloo side group when it is NCCL: objects travel on CPU). A job of one process has trivial
+    collectives.
 
     `distributed`: True = this process is one of a torch.distributed job (started by torchrun, or inside an
     initialised one); None = so when torchrun started more than one process; False = a job of one."""
 
+    _jobs = 0  # conversions this process ran: every process counts the same, so their store keys match
+
     def __init__(self, distributed: bool | None = None):
-        self.owned, self.group = False, None
+        self.group, self.store, self.owned_group = None, None, False
         self.rank, self.world = 0, 1
         env = launch_world()
         if distributed is False or (distributed is None and not (env.launched and env.size > 1)):
@@ -56,33 +60,39 @@ class Comm:
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             if dist.get_backend() != "gloo":  # e.g. NCCL in a training job: objects travel on CPU here
-                self.group = dist.new_group(backend="gloo")
+                self.group, self.owned_group = dist.new_group(backend="gloo"), True
             return
         self.rank, self.world = env.rank, env.size
         if self.world > 1:
-            timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 12 * 3600)))
-            dist.init_process_group("gloo", timeout=timeout)
-            self.owned = True
+            self.store = job_store()
+            Comm._jobs += 1
+            self.prefix = f"hetero_convert/{env.run_id}/{Comm._jobs}"
+            self.rounds = 0
 
     def all_gather(self, obj) -> list:
         if self.world == 1:
             return [obj]
+        if self.store is not None:
+            self.rounds += 1
+            key = f"{self.prefix}/{self.rounds}"
+            self.store.set(f"{key}/{self.rank}", pickle.dumps(obj))
+            # Our own processes' objects (each process wrote what it computed from the same inputs): plain
+            # pickle is fine here, nothing of an input checkpoint is in them unchecked.
+            return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
         out = [None] * self.world
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self):
         if self.world > 1:
-            dist.barrier(group=self.group)
+            self.all_gather(None)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if self.group is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.owned_group:
             dist.destroy_process_group(self.group)
-        if self.owned:
-            dist.destroy_process_group()
 
 
 def agree(comm: Comm, phase: str, fn, cleanup=None) -> list:
@@ -174,7 +184,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
         def finish():
             if comm.rank == 0:
-                finish_metadata(tmp / ITERATION_DIR, job.items, [results])
+                finish_metadata(tmp / ITERATION_DIR, job.items, results, out_dir / ITERATION_DIR)
                 sums = {name: h for p in parts for name, h in p["sha256"].items()}
                 job.write_description(tmp, {f.name: sums[f.name] for f in files if f.name in sums})
                 stage.commit()
@@ -273,7 +283,7 @@ def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int 
 
         def finish():
             if comm.rank == 0:
-                finish_metadata(tmp / ITERATION_DIR, job.items, [results])
+                finish_metadata(tmp / ITERATION_DIR, job.items, results, out_dir / ITERATION_DIR)
                 job.write_description(tmp)
                 stage.commit()
 

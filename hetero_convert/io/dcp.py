@@ -27,20 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
+
+from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex, StorageInfo,
+                        TensorProperties, TensorStorageMetadata, TensorWriteData, WriteItem, WriteItemType,
+                        WriteResult, write_metadata)
 
 from ..errors import ConversionError
 from ..packing import balance
@@ -112,7 +102,7 @@ def _write_item(f, name: str, item: WriteItem, data) -> WriteResult:
     else:
         torch.save(data, f)
     length = f.tell() - offset
-    return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=StorageInfo(name, offset, length))
 
 
 @contextlib.contextmanager
@@ -189,13 +179,11 @@ def write_failure(file: Path, key: str, e: BaseException) -> str:
     return f"{file}: writing {quoted(key)} failed ({type(e).__name__}: {text[:200]}; {free}): a full disk or quota?"
 
 
-def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results) -> None:
-    """Write `.metadata` for data files that several processes wrote (their WriteResults gathered here)."""
-    writer = FileSystemWriter(str(path), sync_files=False, overwrite=True)
-    writer.set_up_storage_writer(True)
-    plans = [SavePlan(items) for items in items_per_rank]
-    _, metadata = create_default_global_save_plan(plans)
-    writer.finish(metadata, results)
+def finish_metadata(path: str | Path, items_per_rank: list[list[WriteItem]], results: list[WriteResult],
+                    checkpoint_id: str | Path | None = None) -> None:
+    """Write `.metadata` for the data files (of every process: their WriteResults gathered here), recording
+    `checkpoint_id` (where the checkpoint will live) as DCP's own save records the path it saved to."""
+    write_metadata(path, items_per_rank, results, str(checkpoint_id) if checkpoint_id is not None else None)
 
 
 def extra_state_payload() -> io.BytesIO:
@@ -243,32 +231,13 @@ class _FileRange(io.RawIOBase):
         return done
 
 
-class _CachedReader(FileSystemReader):
-    """DCP's FileSystemReader with `read_metadata` replaced: DCP's own is a plain `pickle.load` of the
-    checkpoint's `.metadata`, which runs whatever globals an input file names. Ours goes through the
-    restricted unpickler and the structure checks of `safe_pickle`, and reads the file once."""
-
-    def __init__(self, path):
-        super().__init__(str(path))
-        self._metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self._metadata is None:
-            rank = kwargs.get("rank")
-            name = METADATA_FILE if rank is None else f"__{int(rank)}{METADATA_FILE}"
-            md = load_dcp_metadata(Path(self.path) / name)
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = getattr(self, "load_id", None)  # as DCP's own read_metadata does
-            self._metadata = md
-        return self._metadata
-
-
 @contextmanager
 def dcp_failures_named(what: str):
     """DCP reports a failed load as `CheckpointException`, a BaseException (an `except Exception` misses
     it) whose text is a multi-rank traceback. Turn it into one CheckpointError line naming `what` and the
     first underlying error."""
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's own load is running: it is loaded
+
     try:
         yield
     except CheckpointException as e:
@@ -281,7 +250,7 @@ def dcp_failures_named(what: str):
 class DCPReader:
     """Keys, shapes and one-key-at-a-time loads of a DCP directory.
 
-    The metadata is read safely (`_CachedReader`) and checked up front: every chunk inside its tensor, the
+    The metadata is read safely (`safe_pickle.load_dcp_metadata`) and checked up front: every chunk inside its tensor, the
     chunks tiling it, every record under a plain file name. Each chunk is then torch.load-ed
     (weights_only) from its byte range and must hold exactly the dtype and shape `.metadata` gives it: DCP's
     own load would copy a chunk of another dtype into the preallocated tensor, converting it silently (a
@@ -291,8 +260,7 @@ class DCPReader:
         self.path = Path(path)
         if not (self.path / METADATA_FILE).is_file():
             raise FileNotFoundError(f"{self.path}: no .metadata: not a torch.distributed.checkpoint directory")
-        self.reader = _CachedReader(self.path)
-        self.metadata = self.reader.read_metadata()
+        self.metadata = load_dcp_metadata(self.path / METADATA_FILE)
         self._sizes: dict[str, int | None] = {}
 
     def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
@@ -407,7 +375,9 @@ class DCPReader:
         descriptors = getattr(info, "transform_descriptors", None)
         if not descriptors:
             return stream
-        transforms = getattr(self.reader, "transforms", None)
+        from torch.distributed.checkpoint import FileSystemReader  # only for compressed records: rare
+
+        transforms = getattr(FileSystemReader(str(self.path)), "transforms", None)
         if transforms is None:
             raise CheckpointError(f"{where}: stored with transforms {list(descriptors)}, which this torch "
                                   f"cannot undo")

@@ -82,6 +82,18 @@ _DCP_ENUMS = {
 
 
 def _resolve(module: str, name: str):
+    """The class a `.metadata` names, without importing DCP as a whole (dcp_types loads its light modules):
+    `filesystem._StorageInfo` is admitted as our stand-in for it (and as DCP's own class when that module is
+    loaded anyway); a module of older torch that is not loaded yet is imported only if a pickle names it."""
+    from . import dcp_types
+
+    if module == dcp_types.STORAGE_INFO[0] and name in dcp_types.FILESYSTEM_STAND_INS:
+        return dcp_types.filesystem_classes(name)
+    light = {f"{dcp_types.PACKAGE}.{m}": getattr(dcp_types, m, None) for m in ("metadata", "planner", "storage")}
+    if module in light and light[module] is not None:
+        return getattr(light[module], name, None)
+    if module.startswith(dcp_types.PACKAGE) and module not in sys.modules:
+        return None  # a DCP module no checkpoint of this torch names (e.g. filesystem's _StoragePrefix)
     try:
         __import__(module)
         return getattr(sys.modules[module], name)
@@ -97,10 +109,17 @@ class _DCPAllowList:
 
         self.classes: dict[tuple[str, str], type] = {}  # may be created (NEWOBJ) and given state (BUILD)
         self.callables: dict[tuple[str, str], object] = {}  # may be called (REDUCE)
+        self.storage_types: tuple[type, ...] = ()
+        self.build_types_extra: tuple[type, ...] = ()
         for module, names in _DCP_CLASSES.items():
             for name in names:
                 cls = _resolve(module, name)
-                if isinstance(cls, type):
+                if isinstance(cls, tuple):  # DCP's filesystem records: our stand-in, or DCP's own class
+                    self.classes[(module, name)] = cls[-1]
+                    self.build_types_extra += cls
+                    if name == "_StorageInfo":
+                        self.storage_types = cls
+                elif isinstance(cls, type):
                     self.classes[(module, name)] = cls
         for module, names in _DCP_ENUMS.items():
             for name in names:
@@ -119,7 +138,7 @@ class _DCPAllowList:
             value = getattr(torch, name, None)
             if isinstance(value, (torch.dtype, torch.layout)):
                 self.constants[("torch", name)] = value
-        self.build_types = tuple(self.classes.values())
+        self.build_types = tuple(self.classes.values()) + self.build_types_extra
         self.setstate_types = tuple(c for c in self.build_types if "__setstate__" in vars(c))
         # identity sets: membership of an object from the stack must not call its __hash__ / __eq__
         self.build_ids = {id(c) for c in self.build_types}
@@ -340,15 +359,9 @@ def check_dcp_metadata(md, where: str) -> None:
     shorter than the chunk's raw bytes (torch.save stores them uncompressed), and no two records sharing bytes.
     """
     import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        StorageMeta,
-        TensorStorageMetadata,
-    )
+
+    from .dcp_types import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                            TensorStorageMetadata)
 
     allow = _allow_list()
     if type(md) is not Metadata:
@@ -366,7 +379,7 @@ def check_dcp_metadata(md, where: str) -> None:
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(getattr(index, "fqn", None)) is not str:
             raise UnsafePickleError(f"{where}: a storage_data key is {_short(index, 80)}, not a MetadataIndex")
-        if type(info) is not _StorageInfo:
+        if type(info) not in allow.storage_types:
             raise UnsafePickleError(f"{where}: '{_short(index.fqn)}' is stored as a {_short(type(info).__name__, 80)}")
         rel, off, length = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
         if not plain_file_name(rel):
