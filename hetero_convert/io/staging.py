@@ -210,7 +210,10 @@ class Staging:
 
     def __init__(self, out_dir: str | Path, overwrite: bool, active: bool = True, kind: OutputKind = ANY,
                  sources: Iterable[str | Path | None] = ()):
-        self.out_dir, self.overwrite, self.active = Path(out_dir), overwrite, active
+        out = Path(out_dir)
+        # `.` or `..` has no name to hide a sibling under: spelled out, it has one
+        self.out_dir = Path(os.path.abspath(out)) if out.name in ("", ".", "..") else out
+        self.overwrite, self.active = overwrite, active
         self.kind, self.sources = kind, [Path(s) for s in sources if s is not None]
         self.tmp: Path | None = None
         self.committed = False
