@@ -456,7 +456,7 @@ def prune(
                                                "for a mix of domains. Default: a mix made from Python's own docs, "
                                                "docstrings and sources"),
     calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens: fit + held-back scoring"),
-    score_tokens: int = typer.Option(1024, "--score-tokens", help="Of those, held back from the fits and used to "
+    score_tokens: int = typer.Option(768, "--score-tokens", help="Of those, held back from the fits and used to "
                                      "score every variant"),
     seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length"),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Fraction of non-embedding params"),

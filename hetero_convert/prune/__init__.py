@@ -70,7 +70,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass
 class PruneOptions:
     calib_tokens: int = 16384  # calibration tokens in all: fit windows + held-back scoring windows
-    score_tokens: int = 1024  # of those, held back from the fits: the tokens every variant is scored on
+    score_tokens: int = 768  # of those, held back from the fits: the tokens every variant is scored on
     seq_len: int = 256
     batch_size: int = 4
     device: str = "cpu"
@@ -236,16 +236,18 @@ def prune(src, out, calib_text=None, *, target: str, fraction: float, options: P
         sel = _select(parent, scores, target, fraction, options)
         if not store.covers(parent.plan, sel["plan"]):
             # No (complete) fit store beside the scores: fit the chosen variants again, on this calibration.
-            ids, _ = windows_now()
+            ids, domains = windows_now()
             if fingerprint_sha(ids) != scores["calibration"].get("calibration_sha256_16"):
                 scores["calibration_note"] = "calibration differs from the one the scores were measured on"
             tmp_store = FitStore(tempfile.mkdtemp(prefix="prune-fits-"))
             wanted = {i: [l] for i, l in enumerate(sel["plan"].layers) if l != parent.plan.layers[i]}
             per_layer = [[{"layer": c} for c in wanted.get(d, [])] for d in range(parent.plan.num_layers)]
-            progress.plan(sum(work_plan(parent, ids.numel(), 0, per_layer, options.recipe, score=False)[:max(wanted, default=0) + 1])
-                          + sum(export_units(parent.plan, i) for i in range(parent.plan.num_layers)))
+            n_score = len(split_windows(ids.shape[0], options.score_tokens, options.seq_len, domains)[1]) * ids.shape[1]
+            units = work_plan(parent, ids.numel() - n_score, n_score, per_layer, options.recipe, score=False)
+            progress.plan(sum(units[:max(wanted, default=0) + 1]) +
+                          sum(export_units(parent.plan, i) for i in range(parent.plan.num_layers)))
             sweep(parent, ids, options.recipe, tmp_store, score_tokens=options.score_tokens,
-                  batch_size=options.batch_size, score=False, wanted=wanted, progress=progress)
+                  batch_size=options.batch_size, score=False, wanted=wanted, domains=domains, progress=progress)
             store = tmp_store
         seconds["calibration"] = round(time.time() - t0, 1)
         seconds["scoring"] = 0.0

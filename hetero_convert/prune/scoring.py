@@ -144,7 +144,7 @@ def work_plan(parent: ParentModel, n_fit: int, n_score: int, variants: list[list
     n_ridges = len(recipe.refit_ridges) if recipe.cv and score else 1
     for d, layer in enumerate(plan.layers):
         p = max(plan.layer_parameters(layer)["total"], plan.hidden_size)
-        tokens = n_fit + n_score + (pending + len(variants[d])) * n_score if score else n_fit
+        tokens = n_fit + n_score + ((pending + len(variants[d])) * n_score if score else 0)
         widths = [v["layer"].ffn.width for v in variants[d] if v["layer"].ffn.kind == "swiglu"
                   and layer.ffn.kind == "swiglu" and v["layer"].ffn.width < layer.ffn.width]
         fits = 0
@@ -164,14 +164,14 @@ def sweep(parent: ParentModel, ids: torch.Tensor, recipe: Recipe, store: FitStor
           domains: list | None = None, progress=None) -> dict:
     """Fit (and, with score=True, score) the variants of every layer; see the module docstring.
 
-    wanted: {layer: [LayerPlan, ...]} fits only those variants (no scoring) and stops after the last layer
-    named: how export rebuilds fits that no store holds, and how baselines with another recipe are fitted.
+    wanted: {layer: [LayerPlan, ...]} fits only those variants and stops after the last layer named: how
+    export rebuilds fits that no store holds, and how baselines with another recipe are fitted. With
+    score=False nothing is scored, but the held-back windows still cross-validate the ridges.
     """
     t0 = time.time()
     plan, n_layers, seq_len = parent.plan, parent.plan.num_layers, ids.shape[1]
+    # Fit-only sweeps split the windows the same way, so they reproduce the scored fits exactly.
     fit_idx, score_idx = split_windows(ids.shape[0], score_tokens, seq_len, domains)
-    if not score:
-        fit_idx, score_idx = list(range(ids.shape[0])), []
     fit_ids, score_ids = ids[fit_idx], ids[score_idx]
     chunk = lambda t: [t[k:k + batch_size] for k in range(0, t.shape[0], batch_size)]
     fit_b, score_b = chunk(fit_ids), chunk(score_ids)
