@@ -436,13 +436,13 @@ def narrow_ffn_records(parent: dict, widths: list[int], stats: LayerStats, recip
         info = {}
         if w in fitted:
             new_down, info = fitted[w]
-            record["mlp.down_proj.weight"] = new_down[:, perm.to(new_down.device)].cpu().contiguous()
+            record["mlp.down_proj.weight"] = new_down[:, perm.to(new_down.device)].contiguous()
         out[w] = (record, info)
     return out
 
 
 def ffn_from_record(parent: dict, record: dict) -> dict:
-    keep = record["keep"].long()
+    keep = record["keep"].long().to(parent["mlp.gate_proj.weight"].device)
     down = record.get("mlp.down_proj.weight")
     return {
         "post_attention_layernorm.weight": parent["post_attention_layernorm.weight"],
@@ -463,7 +463,7 @@ def part_record(plan: ModelPlan, parent_layer: LayerPlan, part: str, option, par
         norm = parent["input_layernorm.weight"]
         if option.kind == LINEAR:
             w, info = fit_linear(stats.attn_ls, recipe, heldout, "attn", norm.dtype)
-            return {"self_attn.linear_attn.weight": w.cpu().contiguous()}, info
+            return {"self_attn.linear_attn.weight": w.contiguous()}, info
         if base.kind != GQA:
             raise ValueError(f"layer {parent_layer.index}: cannot make GQA attention from {base.kind}")
         weights = None if recipe.kv_merge == "mean" else stats.head_importance
@@ -476,7 +476,7 @@ def part_record(plan: ModelPlan, parent_layer: LayerPlan, part: str, option, par
     norm = parent["post_attention_layernorm.weight"]
     if option.kind == LINEAR:
         w, info = fit_linear(stats.ffn_ls, recipe, heldout, "ffn", norm.dtype)
-        return {"mlp.linear_mlp.weight": w.cpu().contiguous()}, info
+        return {"mlp.linear_mlp.weight": w.contiguous()}, info
     if base.kind != SWIGLU or option.width > base.width:
         raise ValueError(f"layer {parent_layer.index}: cannot make SwiGLU width {option.width} from the parent FFN")
     return narrow_ffn_record(parent, option.width, stats, recipe, heldout)

@@ -33,7 +33,8 @@ class FitStore:
 
     def write_layer(self, i: int, records: dict[tuple[str, str], dict]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        flat = {f"{part}.{name}.{k}": v.contiguous() for (part, name), rec in records.items() for k, v in rec.items()}
+        flat = {f"{part}.{name}.{k}": v.cpu().contiguous() for (part, name), rec in records.items()
+                for k, v in rec.items()}
         tmp = self.path(i).with_suffix(".tmp")
         save_file(flat, str(tmp), metadata={"format": "pt"})
         tmp.replace(self.path(i))

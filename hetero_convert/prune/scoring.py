@@ -196,7 +196,8 @@ def sweep(parent: ParentModel, ids: torch.Tensor, recipe: Recipe, store: FitStor
     influence = []
     for d in range(last + 1):
         base = plan.layers[d]
-        tensors = parent.layer_tensors(d)
+        # On the device once: every module and fit of this layer is made from these.
+        tensors = {k: v.to(parent.device) for k, v in parent.layer_tensors(d).items()}
         mod32 = parent.build(base, tensors, STATS_DTYPE)
         mod_c = mod32 if cdt == STATS_DTYPE else parent.build(base, tensors, cdt)
         # 1. pending variant states through parent layer d
