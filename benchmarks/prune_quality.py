@@ -228,6 +228,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--reuse-scores", action="store_true", help="reuse WORKDIR/prune_scores.json and fits")
     ap.add_argument("--budgets", default="params:0.8,params:0.6,kv_cache:0.5")
+    ap.add_argument("--methods", default="ours,shortgpt,uniform,uniform+")
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.time()
@@ -272,6 +273,7 @@ def main() -> None:
     log("parent: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in parent_eval.items()))
 
     bi = [l["block_influence"] for l in scores["layers"]]
+    methods = args.methods.split(",")
     budgets = [(t, float(f)) for t, f in (b.split(":") for b in args.budgets.split(","))]
     plans = {}
     for target, frac in budgets:
@@ -286,7 +288,7 @@ def main() -> None:
                "uniform-kv": Recipe(kv_merge="mean")}
     stores = {"ours": store, None: None}
     for key, recipe in recipes.items():
-        chosen = [p for p, r in plans.values() if r == key]
+        chosen = [p for (name, _, _), (p, r) in plans.items() if r == key and name in methods]
         if chosen:
             stores[key] = fit_store(parent, ids, domains, opts, recipe, chosen, work / f"fits-{key}")
 
@@ -294,6 +296,8 @@ def main() -> None:
              **{f"{k}_{m}": v[m] for k, v in parent_eval.items() for m in ("ppl", "kl")}}]
     t_export = None
     for (name, target, frac), (plan, store_key) in plans.items():
+        if name not in methods:
+            continue
         label = f"{int(frac * 100)}% {'non-emb params' if target == 'params' else 'KV bytes/token'}"
         out = work / f"{name}-{target}-{int(frac * 100)}"
         t0 = time.time()
