@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--reuse-scores", action="store_true", help="reuse WORKDIR/prune_scores.json and fits")
     ap.add_argument("--budgets", default="params:0.8,params:0.6,kv_cache:0.5")
     ap.add_argument("--methods", default="ours,shortgpt,uniform,uniform+")
+    ap.add_argument("--calib-domains", default=None, help="comma-separated subset of the default mix's domains")
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.time()
@@ -238,6 +239,8 @@ def main() -> None:
     calib_pydoc, eval_text, _, eval_topics = split_topics()
     texts = default_texts()
     texts["python-docs"] = calib_pydoc[:len(texts["python-docs"])]
+    if args.calib_domains:
+        texts = {k: texts[k] for k in args.calib_domains.split(",")}
     log(f"calibration domains: {({k: len(v) for k, v in texts.items()})} chars; in-domain evaluation: "
         f"{len(eval_topics)} held-out help() topics ({len(eval_text):,} chars); out-of-domain: licences")
 
@@ -332,8 +335,8 @@ def main() -> None:
     }
     (work / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     pk = rows[0]
-    table = ["| budget | method | in-domain ppl (x parent) | out-of-domain ppl (x parent) | KL in / out | "
-             "non-emb params | KV bytes/token |", "|---|---|---:|---:|---:|---:|---:|"]
+    table = [("| budget | method | in-domain ppl (x parent) | out-of-domain ppl (x parent) | KL in / out | "
+              "non-emb params | KV bytes/token |"), "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['budget']} | {r['method']} | {r['in-domain_ppl']:.2f} "
                      f"({r['in-domain_ppl'] / pk['in-domain_ppl']:.2f}) | {r['out-of-domain_ppl']:.2f} "

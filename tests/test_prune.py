@@ -224,6 +224,10 @@ def test_calibration_mix_takes_an_equal_share_of_each_domain_interleaved():
     assert [labels.count(k) for k in "abc"] == [9, 6, 9]
     domain = (ids[:, 0] // 10_000).tolist()
     assert domain[:3] == [0, 1, 2] and [" abc"[1 + d] for d in domain] == labels
+    from hetero_convert.prune.calibration import default_texts
+
+    mix = default_texts()  # made from this interpreter's docs and docstrings: English prose, no source code
+    assert set(mix) == {"python-docs", "docstrings"} and min(len(t) for t in mix.values()) > 100_000
     fit, score = split_windows(24, 200, 50, labels)
     assert not set(fit) & set(score) and sorted(fit + score) == list(range(24)) and len(score) == 4
     assert {domain[j] for j in score} == {0, 1, 2}  # the held-back windows see every domain
