@@ -143,7 +143,12 @@ def main() -> None:
     tiny = LLAMA_8B | {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
                        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 8192}  # a smoke test
     configs = {"smollm2": smollm2_config(), "llama8b": LLAMA_8B, "tiny": tiny}
-    rows = [run_model(m, configs[m], args.work, args.device, texts) for m in args.models.split(",")]
+    out = args.json or (Path(os.environ["OUT"]) / "prune_timing.json" if os.environ.get("OUT") else None)
+    rows = []
+    for m in args.models.split(","):
+        rows.append(run_model(m, configs[m], args.work, args.device, texts))
+        if out:  # after every model: a run cut short still leaves what it measured
+            out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     env = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
            "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -155,7 +160,6 @@ def main() -> None:
         s = r["stages_s"]
         print(f"| {r['model']} | {r['parent_GB']} GB | {r['prune_s']} | {s.get('calibration')} / {s.get('scoring')} / "
               f"{s.get('export')} | {r['reuse_s']} | {r['peak_gpu_GB']} GiB | {r['fits_GB']} GB |")
-    out = args.json or (Path(os.environ["OUT"]) / "prune_timing.json" if os.environ.get("OUT") else None)
     if out:
         out.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
 

@@ -147,14 +147,8 @@ def _nbytes(module: torch.nn.Module) -> int:
 # ---- calibration ---------------------------------------------------------------------------------------------
 
 
-def calibration_ids(tokenizer, text: str, num_tokens: int, seq_len: int) -> torch.Tensor:
-    """[n, seq_len] token ids: n = num_tokens // seq_len windows spread evenly over the whole text, so the
-    calibration sees all of it rather than its beginning."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return windows(torch.tensor(ids, dtype=torch.long), num_tokens, seq_len)
-
-
 def windows(ids: torch.Tensor, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """[n, seq_len] windows, n = num_tokens // seq_len spread evenly over `ids` (evaluation text)."""
     available = ids.numel() // seq_len
     wanted = max(1, num_tokens // seq_len)
     if available == 0:
