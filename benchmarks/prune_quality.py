@@ -292,8 +292,12 @@ def main() -> None:
     stores = {"ours": store, None: None}
     for key, recipe in recipes.items():
         chosen = [p for (name, _, _), (p, r) in plans.items() if r == key and name in methods]
-        if chosen:
-            stores[key] = fit_store(parent, ids, domains, opts, recipe, chosen, work / f"fits-{key}")
+        path = work / f"fits-{key}"
+        if chosen and args.reuse_scores and FitStore(path).covers(parent.plan, chosen[0]) and \
+                all(FitStore(path).covers(parent.plan, c) for c in chosen):
+            stores[key] = FitStore(path)  # fitted by an earlier run on the same calibration
+        elif chosen:
+            stores[key] = fit_store(parent, ids, domains, opts, recipe, chosen, path)
 
     rows = [{"budget": "parent", "method": "parent", **describe(parent.plan),
              **{f"{k}_{m}": v[m] for k, v in parent_eval.items() for m in ("ppl", "kl")}}]
