@@ -16,10 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..hf.modeling_decilm import DeciLMAttention, DeciLMMLP, apply_rotary_pos_emb, repeat_kv
-from ..plan import GQA, LINEAR, NONE, SWIGLU, Attention, FFN, LayerPlan, ModelPlan, width_to_ffn_mult
+from ..hf.modeling_decilm import DeciLMAttention, DeciLMMLP
+from ..plan import (
+    FFN,
+    GQA,
+    LINEAR,
+    NONE,
+    SWIGLU,
+    Attention,
+    LayerPlan,
+    ModelPlan,
+)
+from ..kinds.swiglu import default_widths as default_ffn_widths  # noqa: F401  (re-exported for callers)
 
 ATTN_KEYS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
              "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.linear_attn.weight")
@@ -45,51 +54,29 @@ class Recipe:
     # few calibration tokens per kept channel a plain fit overfits (measured on SmolLM2: held-out error of
     # the FFN output 25-35% below no refit at 0.1, and far worse than no refit with a tiny ridge on 1k tokens).
     refit_ridge: float = 0.1
+    # Cross-validation of both ridges on tokens the fits never saw (the held-back scoring tokens): each fit is
+    # solved for every value below and the one with the lowest held-out error is kept; None = no refit.
+    cv: bool = True
+    refit_ridges: tuple = (0.1, 0.3, 1.0, None)
+    linear_ridges: tuple = (1e-4, 1e-3, 1e-2, 1e-1)
+    cv_tokens: int = 512  # held-out tokens the ridge errors are measured on (evenly spaced among the held-back)
 
 
 # ---- which variants exist ------------------------------------------------------------------------------------
 
 
 def attention_options(plan: ModelPlan, layer: LayerPlan) -> list[Attention]:
-    """Keep first, then fewer KV heads (most first), linear, removed."""
+    """Keep first, then the cheaper variants the layer's attention kind allows (kinds/: fewer KV heads, most
+    first, then linear, then removed)."""
     a = layer.attention
-    options = [a]
-    if a.kind == GQA:
-        heads = plan.num_attention_heads
-        for group in range(1, heads + 1):
-            if heads % group == 0 and heads // group < a.num_kv_heads:
-                options.append(Attention(GQA, heads // group))
-        options.append(Attention(LINEAR))
-    if a.kind != NONE:
-        options.append(Attention(NONE))
-    return options
-
-
-def default_ffn_widths(parent_width: int, hidden: int, max_widths: int = 8) -> list[int]:
-    """Narrower widths the format can express: every multiple of 256 below the parent width when there are at
-    most `max_widths` of them, else the multiples of 256 nearest to k/(max_widths+1) of the parent width."""
-    every = [w for w in range(256, parent_width, 256) if width_to_ffn_mult(w, hidden) is not None]
-    if len(every) <= max_widths:
-        return every
-    picked = {min(every, key=lambda w: abs(w - parent_width * k / (max_widths + 1))) for k in range(1, max_widths + 1)}
-    return sorted(picked)
+    return [a] + a.spec.cheaper_variants(plan, a)
 
 
 def ffn_options(plan: ModelPlan, layer: LayerPlan, widths: list[int] | None = None, max_widths: int = 8) -> list[FFN]:
-    """Keep first, then narrower widths (widest first), linear, removed."""
+    """Keep first, then the cheaper variants the layer's FFN kind allows (kinds/: narrower widths, widest
+    first, then linear, then removed)."""
     f = layer.ffn
-    options = [f]
-    if f.kind == SWIGLU:
-        pool = default_ffn_widths(f.width, plan.hidden_size, max_widths) if widths is None else widths
-        for w in sorted({w for w in pool if w < f.width}, reverse=True):
-            mult = width_to_ffn_mult(w, plan.hidden_size)
-            if mult is None:
-                raise ValueError(f"FFN width {w} cannot be expressed as ffn_mult for hidden size {plan.hidden_size}")
-            options.append(FFN(SWIGLU, w, mult))
-        options.append(FFN(LINEAR))
-    if f.kind != NONE:
-        options.append(FFN(NONE))
-    return options
+    return [f] + f.spec.cheaper_variants(plan, f, widths, max_widths)
 
 
 def attention_name(a: Attention, parent: Attention) -> str:
@@ -108,23 +95,34 @@ def ffn_name(f: FFN, parent: FFN) -> str:
 
 
 class LeastSquares:
-    """Running X^T X and X^T Y for fitting Y ~ X W^T, accumulated batch by batch (never all X at once)."""
+    """Running X^T X, X^T Y and |Y|^2 for fitting Y ~ X W^T, accumulated batch by batch (never all X at once).
+    Products are taken in the activations' dtype and summed in `dtype` (float64)."""
 
     def __init__(self, n_in: int, n_out: int, dtype: torch.dtype, device):
         self.xtx = torch.zeros(n_in, n_in, dtype=dtype, device=device)
         self.xty = torch.zeros(n_in, n_out, dtype=dtype, device=device)
+        self.yty = 0.0
         self.count = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
-        y = y.reshape(-1, y.shape[-1]).to(self.xtx.dtype)
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
+        x = x.reshape(-1, x.shape[-1])
+        y = y.reshape(-1, y.shape[-1])
+        if x.dtype not in (torch.float32, torch.float64):
+            x, y = x.float(), y.float()
+        self.xtx += (x.T @ x).to(self.xtx.dtype)
+        self.xty += (x.T @ y).to(self.xty.dtype)
+        self.yty += y.double().pow(2).sum().item()
         self.count += x.shape[0]
 
     def solve(self, ridge: float) -> torch.Tensor:
         """W [out, in] minimising |X W^T - Y|^2 + lambda |W|^2, lambda = ridge * mean(diag(X^T X))."""
         return ridge_solve(self.xtx, self.xty, ridge).T.contiguous()
+
+    def error(self, w: torch.Tensor) -> float:
+        """|X W^T - Y|^2 / |Y|^2 on the accumulated data, from the sums alone."""
+        w = w.to(self.xtx)
+        sq = (w @ self.xtx * w).sum() - 2 * (w * self.xty.T).sum() + self.yty
+        return max(sq.item(), 0.0) / max(self.yty, 1e-30)
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,77 +140,113 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torc
 @dataclass
 class LayerStats:
     attn_ls: LeastSquares | None = None
+    head_gram: torch.Tensor | None = None  # [heads, head_dim, head_dim]: each head's output Gram, before o_proj
     head_importance: torch.Tensor | None = None  # per query head: summed squared output contribution
     ffn_ls: LeastSquares | None = None
     act_sq: torch.Tensor | None = None  # per FFN channel: summed a_j^2
     act_gram: torch.Tensor | None = None  # A^T A over calibration tokens
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    # Held-out statistics keep the samples themselves (few tokens; errors are computed from them directly):
+    # attn_x/attn_y, ffn_x/ffn_y, acts (the FFN's channel activations).
+    samples: dict = field(default_factory=dict)
 
 
-def attention_heads(attn: DeciLMAttention, x: torch.Tensor, pos_emb, bias) -> torch.Tensor:
-    """Per-head attention outputs [batch, heads, seq, head_dim], before o_proj (the module's own math)."""
-    b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, s, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *pos_emb)
-    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)
+class StatsRecorder:
+    """Forward hooks on one parent layer that accumulate, while the layer runs its own forward, what the
+    variants are fitted from: no second computation of the layer, and exactly the layer's own arithmetic.
+
+    Attention: the map RMSNorm(x) -> attention output, and each query head's share of the output.
+    FFN: the map RMSNorm(h) -> FFN output, each channel's summed squared activation and the channels' Gram
+    matrix (for refitting down_proj on a subset of channels).
+    """
+
+    def __init__(self, layer, want_gram: bool = True, acc_dtype: torch.dtype = torch.float64,
+                 samples: bool = False):
+        self.layer, self.want_gram, self.acc, self.keep_samples = layer, want_gram, acc_dtype, samples
+        self.stats = LayerStats()
+        self.handles = []
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn is not None:
+            self.handles.append(attn.register_forward_hook(self._attn))
+            if isinstance(attn, DeciLMAttention):
+                self.handles.append(attn.o_proj.register_forward_pre_hook(self._heads))
+        if mlp is not None:
+            self.handles.append(mlp.register_forward_hook(self._ffn))
+            if isinstance(mlp, DeciLMMLP):
+                self.handles.append(mlp.down_proj.register_forward_pre_hook(self._acts))
+
+    def _keep(self, name, t):
+        t = t.reshape(-1, t.shape[-1]).float()
+        self.stats.samples.setdefault(name, []).append(t)
+
+    def _attn(self, module, args, out):
+        x = args[0]
+        st = self.stats
+        st.tokens += x.shape[0] * x.shape[1]
+        if self.keep_samples:
+            self._keep("attn_x", x), self._keep("attn_y", out)
+            return
+        if st.attn_ls is None:
+            st.attn_ls = LeastSquares(x.shape[-1], out.shape[-1], self.acc, x.device)
+        st.attn_ls.add(x, out)
+
+    def _heads(self, module, args):
+        if self.keep_samples:
+            return
+        o = args[0]  # [b, s, heads * head_dim]
+        attn = self.layer.self_attn
+        heads = o.reshape(-1, attn.num_heads, attn.head_dim).float().transpose(0, 1)
+        g = torch.bmm(heads.transpose(1, 2), heads).to(self.acc)  # per-head Gram [n, d, d]
+        self.stats.head_gram = g if self.stats.head_gram is None else self.stats.head_gram + g
+
+    def _ffn(self, module, args, out):
+        x = args[0]
+        st = self.stats
+        if self.keep_samples:
+            self._keep("ffn_x", x), self._keep("ffn_y", out)
+            return
+        if st.ffn_ls is None:
+            st.ffn_ls = LeastSquares(x.shape[-1], out.shape[-1], self.acc, x.device)
+        st.ffn_ls.add(x, out)
+
+    def _acts(self, module, args):
+        if self.keep_samples:
+            self._keep("acts", args[0])
+            return
+        a = args[0].reshape(-1, args[0].shape[-1])
+        if a.dtype not in (torch.float32, torch.float64):
+            a = a.float()
+        st = self.stats
+        if st.act_sq is None:
+            st.act_sq = torch.zeros(a.shape[1], dtype=self.acc, device=a.device)
+            if self.want_gram:
+                st.act_gram = torch.zeros(a.shape[1], a.shape[1], dtype=self.acc, device=a.device)
+        st.act_sq += a.pow(2).sum(0).to(self.acc)
+        if self.want_gram:
+            st.act_gram += (a.T @ a).to(self.acc)
+
+    def finish(self) -> LayerStats:
+        for h in self.handles:
+            h.remove()
+        st = self.stats
+        st.samples = {k: torch.cat(v) for k, v in st.samples.items()}
+        if st.head_gram is not None:
+            # |o_h W_o[:, h]^T|^2 summed over tokens = trace(W_h G_h W_h^T), with W_h the head's o_proj columns.
+            attn = self.layer.self_attn
+            n, d = attn.num_heads, attn.head_dim
+            w = attn.o_proj.weight.to(self.acc).reshape(-1, n, d).transpose(0, 1)  # [n, H, d]
+            st.head_importance = (torch.bmm(w, st.head_gram) * w).sum((1, 2)).cpu()
+        return st
 
 
 @torch.no_grad()
 def collect_stats(layer, batches, pos_emb, bias, acc_dtype: torch.dtype = torch.float64,
                   want_gram: bool = True) -> LayerStats:
-    """Run one parent layer over the cached inputs and accumulate what the variants are fitted from.
-
-    Attention: the map RMSNorm(x) -> attention output, and each query head's share of the output.
-    FFN: the map RMSNorm(h) -> FFN output, each channel's mean squared activation and the channels' Gram
-    matrix (for refitting down_proj on a subset of channels).
-    """
-    st = LayerStats()
+    """Run one parent layer over `batches` and return the statistics (see StatsRecorder)."""
+    rec = StatsRecorder(layer, want_gram, acc_dtype)
     for h in batches:
-        hidden = h.shape[-1]
-        st.tokens += h.shape[0] * h.shape[1]
-        if layer.self_attn is not None:
-            x = layer.input_layernorm(h)
-            attn = layer.self_attn
-            if isinstance(attn, DeciLMAttention):
-                heads = attention_heads(attn, x, pos_emb, bias)
-                b, n, s, d = heads.shape
-                y = attn.o_proj(heads.transpose(1, 2).reshape(b, s, n * d))
-                if st.head_importance is None:
-                    st.head_importance = torch.zeros(n, dtype=torch.float64)
-                w_o = attn.o_proj.weight
-                for i in range(n):
-                    part = heads[:, i] @ w_o[:, i * d:(i + 1) * d].T
-                    st.head_importance[i] += part.float().pow(2).sum().item()
-            else:
-                y = attn(x)
-            if st.attn_ls is None:
-                st.attn_ls = LeastSquares(hidden, hidden, acc_dtype, h.device)
-            st.attn_ls.add(x, y)
-            h = h + y
-        if layer.mlp is not None:
-            x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            if isinstance(mlp, DeciLMMLP):
-                a = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-                y = mlp.down_proj(a)
-                a2 = a.reshape(-1, a.shape[-1]).to(acc_dtype)
-                if st.act_sq is None:
-                    st.act_sq = torch.zeros(a2.shape[1], dtype=acc_dtype, device=h.device)
-                    if want_gram:
-                        st.act_gram = torch.zeros(a2.shape[1], a2.shape[1], dtype=acc_dtype, device=h.device)
-                st.act_sq += a2.pow(2).sum(0)
-                if want_gram:
-                    st.act_gram += a2.T @ a2
-            else:
-                y = mlp(x)
-            if st.ffn_ls is None:
-                st.ffn_ls = LeastSquares(hidden, hidden, acc_dtype, h.device)
-            st.ffn_ls.add(x, y)
-    return st
+        layer(h, pos_emb, bias, None)
+    return rec.finish()
 
 
 # ---- building a variant's tensors ----------------------------------------------------------------------------
@@ -257,75 +291,201 @@ def channel_order(stats: LayerStats, down: torch.Tensor, how: str) -> torch.Tens
     return torch.argsort(score, descending=True, stable=True)
 
 
-def narrow_ffn(parent: dict, width: int, stats: LayerStats | None, recipe: Recipe) -> dict:
+def refit_downs(stats: LayerStats, down: torch.Tensor, order: torch.Tensor, widths: list[int], recipe: Recipe,
+                heldout: LayerStats | None = None) -> dict[int, tuple[torch.Tensor, dict]]:
+    """down_proj for each width w on its kept channels S_w = order[:w], refitted so they best reproduce the
+    *full* FFN output, with the ridge pulling towards the parent's own columns. y = A W_down^T exactly, so
+    A_S^T y = G[S, :] W_down^T and only the channels' Gram matrix G is needed. Returns {w: (down [H, w] with
+    columns in importance order, info)}.
+
+    The kept sets are nested (the top channels of one ranking), so G_SS of every width is a leading block of
+    G permuted into importance order, and so is its Cholesky factor: one factorisation per ridge serves
+    every width. lambda = ridge x mean(diag G) over the widest kept set.
+
+    With held-out samples (tokens the fit never saw) the ridge is chosen among `recipe.refit_ridges` per width
+    by the held-out error of the FFN output, None (no refit: the parent's own columns) included, so a refit
+    that only fits the calibration tokens loses to a plainer one.
+    """
+    g = stats.act_gram
+    wmax = max(widths)
+    idx = order[:wmax].to(g.device)
+    wd = down.T.to(g)  # [full width, H]
+    g_pp = g[idx][:, idx]
+    rhs_full = g[idx] @ wd  # [wmax, H]: G[S, :] W_down^T for the widest set; narrower sets are its leading rows
+    prior = wd[idx]
+    cv = heldout is not None and heldout.samples.get("acts") is not None and recipe.cv
+    ridges = recipe.refit_ridges if cv else (recipe.refit_ridge,)
+    lam0 = g_pp.diagonal().mean().clamp_min(1e-30)
+    best: dict[int, tuple] = {}
+    if cv:
+        a_ho, y_ho = cv_samples(heldout, "acts", "ffn_y", recipe.cv_tokens)
+        y_norm = y_ho.pow(2).sum().item()
+    for ridge in ridges:
+        if ridge is not None:
+            m = g_pp + ridge * lam0 * torch.eye(wmax, dtype=g.dtype, device=g.device)
+            chol, bad = torch.linalg.cholesky_ex(m)
+            # Lower-triangular: the forward substitution of the widest set holds every narrower one's.
+            z = None if bad.item() else torch.linalg.solve_triangular(chol, rhs_full + ridge * lam0 * prior,
+                                                                      upper=False)
+        for w in widths:
+            if ridge is None:
+                b = prior[:w]
+            elif z is None:  # not positive definite in floating point: a general solve
+                b = torch.linalg.solve(m[:w, :w], rhs_full[:w] + ridge * lam0 * prior[:w])
+            else:
+                b = torch.linalg.solve_triangular(chol[:w, :w].T, z[:w], upper=True)
+            if not cv:
+                best[w] = (float("nan"), ridge, b)
+                continue
+            pred = a_ho[:, idx[:w]] @ b.float()
+            err = (pred - y_ho).pow(2).sum().item() / max(y_norm, 1e-30)
+            if w not in best or err < best[w][0]:
+                best[w] = (err, ridge, b)
+    out = {}
+    for w, (err, ridge, b) in best.items():
+        info = {"ridge": ridge} | ({"heldout_rel_error": err} if cv else {})
+        out[w] = (b.T.to(down.dtype), info)
+    return out
+
+
+def cv_samples(heldout: LayerStats, x_key: str, y_key: str, limit: int):
+    x, y = heldout.samples[x_key], heldout.samples[y_key]
+    if x.shape[0] > limit:
+        pick = torch.linspace(0, x.shape[0] - 1, limit, device=x.device).round().long()
+        x, y = x[pick], y[pick]
+    return x.float(), y.float()
+
+
+def fit_linear(ls: LeastSquares, recipe: Recipe, heldout: LayerStats | None = None, which: str = "attn",
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """A linear replacement W (Y ~ X W^T, ridge towards zero); the ridge chosen by held-out error when given."""
+    x_ho = heldout.samples.get(f"{which}_x") if heldout is not None else None
+    candidates = recipe.linear_ridges if x_ho is not None and recipe.cv else (recipe.ridge,)
+    best = None
+    for lam in candidates:
+        w = ls.solve(lam)
+        if len(candidates) == 1:
+            return w.to(dtype or w.dtype), {"ridge": lam}
+        xs, ys = cv_samples(heldout, f"{which}_x", f"{which}_y", recipe.cv_tokens)
+        err = (xs @ w.T.float() - ys).pow(2).sum().item() / max(ys.pow(2).sum().item(), 1e-30)
+        if best is None or err < best[0]:
+            best = (err, lam, w)
+    err, lam, w = best
+    return w.to(dtype or w.dtype), {"ridge": lam, "heldout_rel_error": err, "fit_rel_error": ls.error(w)}
+
+
+FFN_PART_KEYS = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight")
+
+
+def narrow_ffn(parent: dict, width: int, stats: LayerStats | None, recipe: Recipe,
+               heldout: LayerStats | None = None) -> dict:
     """Keep the `width` most important channels (in their original order); optionally refit down_proj."""
-    gate, up, down = parent["mlp.gate_proj.weight"], parent["mlp.up_proj.weight"], parent["mlp.down_proj.weight"]
-    if width == gate.shape[0]:
-        return {k: parent[k] for k in ("post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                                       "mlp.up_proj.weight", "mlp.down_proj.weight")}
-    keep = torch.sort(channel_order(stats, down, recipe.ffn_importance)[:width]).values
-    new_down = down[:, keep]
-    if recipe.ffn_refit:
-        if stats.act_gram is None:
-            raise ValueError("refitting down_proj needs the activation Gram matrix")
-        # y = A W_down^T exactly on calibration data, so A_S^T y = G[S, :] W_down^T: no second pass needed.
-        g = stats.act_gram.double()
-        idx = keep.to(g.device)
-        rhs = g[idx] @ down.T.to(g)
-        prior = new_down.T.to(g)
-        new_down = ridge_solve(g[idx][:, idx], rhs, recipe.refit_ridge, prior).T.to(down.dtype)
+    if width == parent["mlp.gate_proj.weight"].shape[0]:
+        return {k: parent[k] for k in FFN_PART_KEYS}
+    return ffn_from_record(parent, narrow_ffn_record(parent, width, stats, recipe, heldout)[0])
+
+
+def narrow_ffn_record(parent: dict, width: int, stats: LayerStats, recipe: Recipe,
+                      heldout: LayerStats | None = None) -> tuple[dict, dict]:
+    """What a narrower FFN needs beyond the parent: the kept channels and, when refitted, down_proj."""
+    return narrow_ffn_records(parent, [width], stats, recipe, heldout)[width]
+
+
+def narrow_ffn_records(parent: dict, widths: list[int], stats: LayerStats, recipe: Recipe,
+                       heldout: LayerStats | None = None) -> dict[int, tuple[dict, dict]]:
+    """{width: (record, info)} for several narrower widths at once (one factorisation per ridge)."""
+    down = parent["mlp.down_proj.weight"]
+    order = channel_order(stats, down, recipe.ffn_importance)
+    if recipe.ffn_refit and stats.act_gram is None:
+        raise ValueError("refitting down_proj needs the activation Gram matrix")
+    fitted = refit_downs(stats, down, order, widths, recipe, heldout) if recipe.ffn_refit else {}
+    out = {}
+    for w in widths:
+        chosen = order[:w]
+        perm = torch.argsort(chosen)  # records keep the channels in their original order
+        record = {"keep": chosen[perm].contiguous()}
+        info = {}
+        if w in fitted:
+            new_down, info = fitted[w]
+            record["mlp.down_proj.weight"] = new_down[:, perm.to(new_down.device)].contiguous()
+        out[w] = (record, info)
+    return out
+
+
+def ffn_from_record(parent: dict, record: dict) -> dict:
+    keep = record["keep"].long().to(parent["mlp.gate_proj.weight"].device)
+    down = record.get("mlp.down_proj.weight")
     return {
         "post_attention_layernorm.weight": parent["post_attention_layernorm.weight"],
-        "mlp.gate_proj.weight": gate[keep].contiguous(),
-        "mlp.up_proj.weight": up[keep].contiguous(),
-        "mlp.down_proj.weight": new_down.contiguous(),
+        "mlp.gate_proj.weight": parent["mlp.gate_proj.weight"][keep].contiguous(),
+        "mlp.up_proj.weight": parent["mlp.up_proj.weight"][keep].contiguous(),
+        "mlp.down_proj.weight": (parent["mlp.down_proj.weight"][:, keep] if down is None else down).contiguous(),
     }
 
 
-def attention_tensors(plan: ModelPlan, parent_layer: LayerPlan, choice: Attention, parent: dict,
-                      stats: LayerStats | None, recipe: Recipe) -> dict:
-    kind = choice.kind
-    if kind == NONE:
-        return {}
-    if choice == parent_layer.attention:
-        return {k: parent[k] for k in ATTN_KEYS if k in parent}
-    norm = parent["input_layernorm.weight"]
-    if kind == LINEAR:
-        w = stats.attn_ls.solve(recipe.ridge)
-        return {"input_layernorm.weight": norm, "self_attn.linear_attn.weight": w.to(norm.dtype)}
-    if parent_layer.attention.kind != GQA:
-        raise ValueError(f"layer {parent_layer.index}: cannot make GQA attention from {parent_layer.attention.kind}")
-    weights = None if recipe.kv_merge == "mean" else stats.head_importance
-    old, new, heads = parent_layer.attention.num_kv_heads, choice.num_kv_heads, plan.num_attention_heads
-    return {
-        "input_layernorm.weight": norm,
-        "self_attn.q_proj.weight": parent["self_attn.q_proj.weight"],
-        "self_attn.k_proj.weight": merge_kv_heads(parent["self_attn.k_proj.weight"], heads, old, new, weights),
-        "self_attn.v_proj.weight": merge_kv_heads(parent["self_attn.v_proj.weight"], heads, old, new, weights),
-        "self_attn.o_proj.weight": parent["self_attn.o_proj.weight"],
-    }
-
-
-def ffn_tensors(parent_layer: LayerPlan, choice: FFN, parent: dict, stats: LayerStats | None,
-                recipe: Recipe) -> dict:
-    kind = choice.kind
-    if kind == NONE:
-        return {}
-    if kind == parent_layer.ffn.kind and choice.width == parent_layer.ffn.width:
-        return {k: parent[k] for k in FFN_KEYS if k in parent}
+def part_record(plan: ModelPlan, parent_layer: LayerPlan, part: str, option, parent: dict,
+                stats: LayerStats | None, recipe: Recipe, heldout: LayerStats | None = None) -> tuple[dict, dict]:
+    """(record, info) of one part variant: only the tensors that are not the parent's own (empty for keep and
+    none). A record is what the fit store keeps; `part_tensors` turns it back into the part's tensors."""
+    if part == "attention":
+        base = parent_layer.attention
+        if option.kind == NONE or option == base:
+            return {}, {}
+        norm = parent["input_layernorm.weight"]
+        if option.kind == LINEAR:
+            w, info = fit_linear(stats.attn_ls, recipe, heldout, "attn", norm.dtype)
+            return {"self_attn.linear_attn.weight": w.contiguous()}, info
+        if base.kind != GQA:
+            raise ValueError(f"layer {parent_layer.index}: cannot make GQA attention from {base.kind}")
+        weights = None if recipe.kv_merge == "mean" else stats.head_importance
+        old, new, heads = base.num_kv_heads, option.num_kv_heads, plan.num_attention_heads
+        return {n: merge_kv_heads(parent[n], heads, old, new, weights)
+                for n in ("self_attn.k_proj.weight", "self_attn.v_proj.weight")}, {}
+    base = parent_layer.ffn
+    if option.kind == NONE or (option.kind == base.kind and option.width == base.width):
+        return {}, {}
     norm = parent["post_attention_layernorm.weight"]
-    if kind == LINEAR:
-        w = stats.ffn_ls.solve(recipe.ridge)
-        return {"post_attention_layernorm.weight": norm, "mlp.linear_mlp.weight": w.to(norm.dtype)}
-    if parent_layer.ffn.kind != SWIGLU or choice.width > parent_layer.ffn.width:
-        raise ValueError(f"layer {parent_layer.index}: cannot make SwiGLU width {choice.width} from the parent FFN")
-    return narrow_ffn(parent, choice.width, stats, recipe)
+    if option.kind == LINEAR:
+        w, info = fit_linear(stats.ffn_ls, recipe, heldout, "ffn", norm.dtype)
+        return {"mlp.linear_mlp.weight": w.contiguous()}, info
+    if base.kind != SWIGLU or option.width > base.width:
+        raise ValueError(f"layer {parent_layer.index}: cannot make SwiGLU width {option.width} from the parent FFN")
+    return narrow_ffn_record(parent, option.width, stats, recipe, heldout)
+
+
+def part_tensors(parent_layer: LayerPlan, part: str, option, parent: dict, record: dict) -> dict:
+    """The layer-local tensors of one part variant, from the parent's tensors and the variant's record."""
+    if part == "attention":
+        base = parent_layer.attention
+        if option.kind == NONE:
+            return {}
+        if option == base:
+            return {k: parent[k] for k in ATTN_KEYS if k in parent}
+        out = {"input_layernorm.weight": parent["input_layernorm.weight"]}
+        if option.kind == LINEAR:
+            return out | {"self_attn.linear_attn.weight": record["self_attn.linear_attn.weight"]}
+        return out | {"self_attn.q_proj.weight": parent["self_attn.q_proj.weight"],
+                      "self_attn.k_proj.weight": record["self_attn.k_proj.weight"],
+                      "self_attn.v_proj.weight": record["self_attn.v_proj.weight"],
+                      "self_attn.o_proj.weight": parent["self_attn.o_proj.weight"]}
+    base = parent_layer.ffn
+    if option.kind == NONE:
+        return {}
+    if option.kind == base.kind and option.width == base.width:
+        return {k: parent[k] for k in FFN_KEYS if k in parent}
+    if option.kind == LINEAR:
+        return {"post_attention_layernorm.weight": parent["post_attention_layernorm.weight"],
+                "mlp.linear_mlp.weight": record["mlp.linear_mlp.weight"]}
+    return ffn_from_record(parent, record)
 
 
 def layer_tensors(plan: ModelPlan, parent_layer: LayerPlan, choice: LayerPlan, parent: dict,
-                  stats: LayerStats | None, recipe: Recipe) -> dict:
-    """All tensors of layer variant `choice` (layer-local names)."""
-    out = attention_tensors(plan, parent_layer, choice.attention, parent, stats, recipe)
-    out.update(ffn_tensors(parent_layer, choice.ffn, parent, stats, recipe))
+                  stats: LayerStats | None, recipe: Recipe, heldout: LayerStats | None = None) -> dict:
+    """All tensors of layer variant `choice` (layer-local names), fitted from `stats`."""
+    out = {}
+    for part, option in (("attention", choice.attention), ("ffn", choice.ffn)):
+        record, _ = part_record(plan, parent_layer, part, option, parent, stats, recipe, heldout)
+        out.update(part_tensors(parent_layer, part, option, parent, record))
     # Fitted tensors come back on the statistics' device; checkpoints and the layer cache live on the CPU.
     return {k: v if v.device.type == "cpu" else v.cpu() for k, v in out.items()}
