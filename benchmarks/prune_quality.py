@@ -17,7 +17,7 @@ Evaluation:
 
 Budgets: 80% and 60% of the parent's non-embedding parameters, 50% of its KV-cache bytes per token.
 Methods at each budget:
-  ours      the per-layer variants scored by KL and picked by the exact knapsack (hetero_convert.prune, defaults)
+  ours      the per-layer variants scored by KL and picked by the exact knapsack (hetero_convert.pruning, defaults)
   shortgpt  whole layers removed in increasing order of block influence 1 - cos(layer input, layer output)
             (ShortGPT, arXiv 2403.03853) until within budget
   uniform   the same change in every layer: for parameter budgets the widest single FFN width that fits
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from hetero_convert.plan import FFN, GQA, NONE, SWIGLU, Attention, LayerPlan
-from hetero_convert.prune import (
+from hetero_convert.pruning import (
     FitStore,
     PruneOptions,
     Recipe,
@@ -59,10 +59,10 @@ from hetero_convert.prune import (
     model_cost,
     select,
 )
-from hetero_convert.prune.calibration import default_texts
-from hetero_convert.prune.parent import ParentModel, windows
-from hetero_convert.prune.progress import LineProgress
-from hetero_convert.prune.scoring import load_scores, save_scores, score_all, sweep
+from hetero_convert.pruning.calibration import default_texts
+from hetero_convert.pruning.parent import ParentModel, windows
+from hetero_convert.pruning.progress import LineProgress
+from hetero_convert.pruning.scoring import load_scores, save_scores, score_all, sweep
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUDGETS = [("params", 0.8), ("params", 0.6), ("kv_cache", 0.5)]

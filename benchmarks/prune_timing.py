@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hetero_convert.plan import load_plan
-from hetero_convert.prune import PruneOptions, prune
-from hetero_convert.prune.calibration import default_texts
-from hetero_convert.prune.fits import FITS_DIR
-from hetero_convert.prune.progress import LineProgress
+from hetero_convert.pruning import PruneOptions, prune
+from hetero_convert.pruning.calibration import default_texts
+from hetero_convert.pruning.fits import FITS_DIR
+from hetero_convert.pruning.progress import LineProgress
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 4096,

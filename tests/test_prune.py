@@ -20,9 +20,9 @@ from hetero_convert.plan import (
     ffn_mult_to_width,
     load_plan,
 )
-from hetero_convert.prune import FitStore, Recipe, export_checkpoint, select
-from hetero_convert.prune.calibration import mixed_windows
-from hetero_convert.prune.candidates import (
+from hetero_convert.pruning import FitStore, Recipe, export_checkpoint, select
+from hetero_convert.pruning.calibration import mixed_windows
+from hetero_convert.pruning.candidates import (
     LeastSquares,
     collect_stats,
     default_ffn_widths,
@@ -32,9 +32,9 @@ from hetero_convert.prune.candidates import (
     refit_downs,
     ridge_solve,
 )
-from hetero_convert.prune.parent import ParentModel
-from hetero_convert.prune.scoring import score_all, split_windows
-from hetero_convert.prune.search import brute_force, layer_cost, model_cost, solve_mckp
+from hetero_convert.pruning.parent import ParentModel
+from hetero_convert.pruning.scoring import score_all, split_windows
+from hetero_convert.pruning.search import brute_force, layer_cost, model_cost, solve_mckp
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -178,7 +178,7 @@ def test_nested_refit_equals_a_direct_ridge_solve_per_width():
     must still be exactly that width's own ridge solution."""
     g = torch.Generator().manual_seed(4)
     a = torch.randn(600, 48, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)
-    from hetero_convert.prune.candidates import LayerStats
+    from hetero_convert.pruning.candidates import LayerStats
 
     stats = LayerStats(act_sq=a.pow(2).sum(0), act_gram=a.T @ a)
     down = torch.randn(16, 48, generator=g, dtype=torch.float64)
@@ -199,7 +199,7 @@ def test_nested_refit_equals_a_direct_ridge_solve_per_width():
 def test_cross_validation_prefers_no_refit_when_the_fit_tokens_mislead():
     """A refit learned on tokens whose channels are correlated in a way held-out tokens are not: the
     held-out error picks the parent's own columns (ridge None) over the refit."""
-    from hetero_convert.prune.candidates import LayerStats
+    from hetero_convert.pruning.candidates import LayerStats
 
     g = torch.Generator().manual_seed(5)
     base = torch.randn(400, 12, generator=g, dtype=torch.float64)
@@ -224,7 +224,7 @@ def test_calibration_mix_takes_an_equal_share_of_each_domain_interleaved():
     assert [labels.count(k) for k in "abc"] == [9, 6, 9]
     domain = (ids[:, 0] // 10_000).tolist()
     assert domain[:3] == [0, 1, 2] and [" abc"[1 + d] for d in domain] == labels
-    from hetero_convert.prune.calibration import default_texts
+    from hetero_convert.pruning.calibration import default_texts
 
     mix = default_texts()  # made from this interpreter's docs and docstrings: English prose, no source code
     assert set(mix) == {"python-docs", "docstrings"} and min(len(t) for t in mix.values()) > 100_000
@@ -399,7 +399,7 @@ def test_progress_lines_in_a_log_and_a_short_calibration_text_is_named(tiny, tmp
 
 
 def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
-    from hetero_convert.prune import PruneError, prune
+    from hetero_convert.pruning import PruneError, prune
 
     (tmp_path / "important.txt").write_text("keep me")
     with pytest.raises(PruneError, match="--overwrite"):
@@ -409,7 +409,7 @@ def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
 def test_compute_dtype_is_what_the_scores_are_measured_in(tiny, tmp_path):
     """--compute-dtype reaches the scoring forwards (bf16 rounds the KL scores differently from fp32), the
     report records it, and an unknown value is refused before any work."""
-    from hetero_convert.prune import PruneError, PruneOptions, prune
+    from hetero_convert.pruning import PruneError, PruneOptions, prune
 
     kl = {}
     for dt in ("fp32", "bf16"):

@@ -400,8 +400,8 @@ def prune(
     import warnings
 
     warnings.filterwarnings("ignore")
-    from ..prune import PruneError, PruneOptions
-    from ..prune.progress import make_progress
+    from ..pruning import PruneError, PruneOptions
+    from ..pruning.progress import make_progress
 
     targets = {k: v for k, v in (("params", target_params), ("kv_cache", target_kv_cache),
                                  ("flops", target_flops)) if v is not None}
@@ -424,7 +424,7 @@ def prune(
         if calib else None
     try:
         with make_progress(quiet, err) as progress:
-            from ..prune import prune as run_prune
+            from ..pruning import prune as run_prune
 
             report = run_prune(src, out, texts, target=target, fraction=fraction, options=options,
                                reuse_scores=reuse_scores, scores_from=scores_from, megatron=megatron, tp=tp, pp=pp,
