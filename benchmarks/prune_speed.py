@@ -26,7 +26,7 @@ import torch
 
 def load(path: Path, dtype: torch.dtype, device: str):
     from hetero_convert.hf import DeciLMConfig, DeciLMForCausalLM
-    from hetero_convert.prune.parent import source_config
+    from hetero_convert.pruning.parent import source_config
     from hetero_convert.plan import load_plan
 
     plan = load_plan(source_config(path))
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    from hetero_convert.prune.search import model_cost
+    from hetero_convert.pruning.search import model_cost
 
     rows = []
     for path in args.models:

@@ -113,8 +113,8 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
 def prune(src: str | Path, out: str | Path, calib_text: str, *, target: str, fraction: float, **options) -> dict:
     """Prune a Llama or DeciLM parent into a smaller DeciLM model whose `target` ("params", "kv_cache" or
     "flops") is at most `fraction` of the parent's; returns the report (also written to OUT). `options` are
-    those of `hetero_convert.prune.prune`."""
-    from .prune import prune as _prune
+    those of `hetero_convert.pruning.prune`."""
+    from .pruning import prune as _prune
 
     return _prune(src, out, calib_text, target=target, fraction=fraction, **options)
 

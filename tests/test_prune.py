@@ -10,12 +10,31 @@ import pytest
 import torch
 
 from hetero_convert.fixtures import write_random_checkpoint
-from hetero_convert.plan import FFN, GQA, LINEAR, NONE, Attention, LayerPlan, ffn_mult_to_width, load_plan
-from hetero_convert.prune import Recipe, calibrate, export_checkpoint, select
-from hetero_convert.prune.candidates import (LeastSquares, collect_stats, default_ffn_widths, layer_tensors,
-                                             merge_kv_heads, narrow_ffn)
-from hetero_convert.prune.parent import ParentModel
-from hetero_convert.prune.search import brute_force, layer_cost, model_cost, solve_mckp
+from hetero_convert.plan import (
+    FFN,
+    GQA,
+    LINEAR,
+    NONE,
+    Attention,
+    LayerPlan,
+    ffn_mult_to_width,
+    load_plan,
+)
+from hetero_convert.pruning import FitStore, Recipe, export_checkpoint, select
+from hetero_convert.pruning.calibration import mixed_windows
+from hetero_convert.pruning.candidates import (
+    LeastSquares,
+    collect_stats,
+    default_ffn_widths,
+    layer_tensors,
+    merge_kv_heads,
+    narrow_ffn,
+    refit_downs,
+    ridge_solve,
+)
+from hetero_convert.pruning.parent import ParentModel
+from hetero_convert.pruning.scoring import score_all, split_windows
+from hetero_convert.pruning.search import brute_force, layer_cost, model_cost, solve_mckp
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -82,14 +101,12 @@ def test_keeping_everything_is_the_parent_bit_for_bit(tiny, tmp_path):
     assert all(kept[k] is tensors[k] for k in kept)
     assert merge_kv_heads(tensors["self_attn.k_proj.weight"], 4, 2, 2) is tensors["self_attn.k_proj.weight"]
     # A search with the whole parent in budget keeps every layer whole ...
-    calib = calibrate(parent, calib_ids(), 4, 2)
-    from hetero_convert.prune.scoring import score_all
-
-    scores = score_all(parent, calib, Recipe())
+    store = FitStore(tmp_path / "fits")
+    scores = score_all(parent, calib_ids(), Recipe(), store, score_tokens=64, batch_size=2)
     sel = select(parent.plan, scores, "params", 1.0)
     assert all(l["attention"] == "keep" and l["ffn"] == "keep" for l in sel["layers"])
     # ... and exporting it reproduces every tensor and every logit.
-    out = export_checkpoint(parent, calib, sel["plan"], tmp_path / "keep")
+    out = export_checkpoint(parent, store, sel["plan"], tmp_path / "keep")
     from safetensors import safe_open
 
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -154,6 +171,66 @@ def test_kv_merge_of_identical_heads_reproduces_the_outputs(tiny):
     # Equal weights on identical heads: the merged rows are the head itself, exactly.
     merged = merge_kv_heads(tensors["self_attn.k_proj.weight"], 4, 2, 1)
     assert torch.equal(merged, tensors["self_attn.k_proj.weight"][:16])
+
+
+def test_nested_refit_equals_a_direct_ridge_solve_per_width():
+    """All widths share one Cholesky factor per ridge (their kept sets are nested); each width's down_proj
+    must still be exactly that width's own ridge solution."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(600, 48, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 48, dtype=torch.float64)
+    from hetero_convert.pruning.candidates import LayerStats
+
+    stats = LayerStats(act_sq=a.pow(2).sum(0), act_gram=a.T @ a)
+    down = torch.randn(16, 48, generator=g, dtype=torch.float64)
+    order = torch.argsort(stats.act_sq * down.pow(2).sum(0), descending=True)
+    recipe = Recipe(refit_ridge=0.3, cv=False)
+    fitted = refit_downs(stats, down, order, [8, 20, 33], recipe)
+    for w, (got, info) in fitted.items():
+        idx = order[:w]
+        g_ss = stats.act_gram[idx][:, idx]
+        lam = 0.3 * stats.act_gram[order[:33]][:, order[:33]].diagonal().mean()
+        want = torch.linalg.solve(g_ss + lam * torch.eye(w, dtype=torch.float64),
+                                  stats.act_gram[idx] @ down.T + lam * down.T[idx]).T
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert info["ridge"] == 0.3
+    assert ridge_solve(stats.act_gram, stats.act_gram @ down.T, 0.0).shape == (48, 16)
+
+
+def test_cross_validation_prefers_no_refit_when_the_fit_tokens_mislead():
+    """A refit learned on tokens whose channels are correlated in a way held-out tokens are not: the
+    held-out error picks the parent's own columns (ridge None) over the refit."""
+    from hetero_convert.pruning.candidates import LayerStats
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    fit = torch.cat([base, base[:, :4] * 3], dim=1)  # channels 12..15 are copies of 0..3 on the fit tokens
+    held = torch.randn(300, 16, generator=g, dtype=torch.float64)  # ... and independent on held-out tokens
+    down = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    stats = LayerStats(act_sq=torch.ones(16, dtype=torch.float64), act_gram=fit.T @ fit)
+    heldout = LayerStats(samples={"acts": held, "ffn_y": held @ down.T})
+    order = torch.arange(16)
+    (down_cv, info), = refit_downs(stats, down, order, [12], Recipe(), heldout).values()
+    assert info["ridge"] is None and torch.equal(down_cv, down[:, :12])
+    # Without cross-validation the refit happily moves the dropped channels' weight onto their fit-time copies.
+    (down_fit, _), = refit_downs(stats, down, order, [12], Recipe(cv=False)).values()
+    assert not torch.allclose(down_fit, down[:, :12], atol=1e-2)
+
+
+def test_calibration_mix_takes_an_equal_share_of_each_domain_interleaved():
+    texts = {"a": torch.arange(0, 1000), "b": torch.arange(10_000, 10_300), "c": torch.arange(20_000, 21_000)}
+    ids, available, labels = mixed_windows(texts, 1200, 50)
+    assert available == 2300 and ids.shape == (24, 50)
+    # b has only 6 windows; its shortfall goes to the others
+    assert [labels.count(k) for k in "abc"] == [9, 6, 9]
+    domain = (ids[:, 0] // 10_000).tolist()
+    assert domain[:3] == [0, 1, 2] and [" abc"[1 + d] for d in domain] == labels
+    from hetero_convert.pruning.calibration import default_texts
+
+    mix = default_texts()  # made from this interpreter's docs and docstrings: English prose, no source code
+    assert set(mix) == {"python-docs", "docstrings"} and min(len(t) for t in mix.values()) > 100_000
+    fit, score = split_windows(24, 200, 50, labels)
+    assert not set(fit) & set(score) and sorted(fit + score) == list(range(24)) and len(score) == 4
+    assert {domain[j] for j in score} == {0, 1, 2}  # the held-back windows see every domain
 
 
 # ---- search ------------------------------------------------------------------------------------------------------
@@ -239,6 +316,9 @@ def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
     assert pruned.num_parameters(include_embeddings=False) == report["pruned"]["non_embedding_params"]
     assert report["search"]["exact"] and not report["scores_reused"]
     assert [l["describe"] for l in report["layers"]] == [l.describe() for l in pruned.layers]
+    # The variants were scored on windows held back from their fits.
+    scores = json.loads((out / "prune_scores.json").read_text())
+    assert scores["calibration"]["score_sequences"] == 4 and scores["calibration"]["fit_sequences"] == 12
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] and config["intermediate_size"] is None and config["num_key_value_heads"] is None
     for block in config["block_configs"]:
@@ -263,6 +343,12 @@ def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 300) and torch.isfinite(logits).all()
 
+    # Same scores, same budget, no calibration text at all: the stored fits rebuild the very same model.
+    shards = {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")}
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), "--target-params", "0.6", "--reuse-scores", "-q"])
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")} == shards
+
     # Same scores, another budget: no scoring, the KV cache halved.
     r = CliRunner().invoke(app, ["prune", str(tiny), str(out), *common, "--target-kv-cache", "0.5",
                                  "--reuse-scores"])
@@ -271,12 +357,49 @@ def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
     assert report["scores_reused"] and report["seconds"]["scoring"] == 0.0
     assert load_plan(out).kv_cache_bytes_per_token(2) <= 0.5 * parent.kv_cache_bytes_per_token(2)
 
-    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), *common, "--target-flops", "0.01", "--reuse-scores"])
-    assert r.exit_code != 0 and "smallest model" in r.output
+
+@pytest.mark.parametrize("flag,value,message", [("--target-params", "1.5", "in (0, 1]"),
+                                                ("--target-params", "0", "in (0, 1]"),
+                                                ("--target-flops", "0.01", "below what removing every layer")])
+def test_infeasible_targets_are_refused_before_any_work(tiny, tmp_path, flag, value, message):
+    from typer.testing import CliRunner
+
+    from hetero_convert.cli import app
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(out), flag, value])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not out.exists()  # nothing scored, nothing written
+
+
+def test_progress_lines_in_a_log_and_a_short_calibration_text_is_named(tiny, tmp_path):
+    """Not a terminal (CliRunner): one line per layer with elapsed and remaining time; --quiet: none. A
+    calibration text shorter than --calib-tokens is a warning that names both numbers."""
+    from typer.testing import CliRunner
+
+    from hetero_convert.cli import app
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text()[:6000])
+    args = ["--calib", str(calib), "--calib-tokens", "100000", "--score-tokens", "128", "--seq-len", "64",
+            "--target-params", "0.7"]
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(tmp_path / "a"), *args])
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("[prune")]
+    layer_lines = [l for l in lines if "variants fitted and scored" in l]
+    assert [l.split("] ")[1].split(":")[0] for l in layer_lines] == ["layer 1/3", "layer 2/3", "layer 3/3"]
+    assert all("elapsed" in l for l in layer_lines) and "left" in layer_lines[0]
+    warning = next(l for l in lines if "warning" in l)
+    report = json.loads((tmp_path / "a" / "pruning_report.json").read_text())
+    used = report["calibration"]["sequences"] * 64
+    assert "100,000" in warning and f"using {used:,}" in warning and report["warnings"]
+    r = CliRunner().invoke(app, ["prune", str(tiny), str(tmp_path / "b"), *args, "--quiet", "--json"])
+    assert r.exit_code == 0 and not [l for l in r.output.splitlines() if l.startswith("[prune")]
+    assert json.loads(r.output)["warnings"] == report["warnings"]
 
 
 def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
-    from hetero_convert.prune import PruneError, prune
+    from hetero_convert.pruning import PruneError, prune
 
     (tmp_path / "important.txt").write_text("keep me")
     with pytest.raises(PruneError, match="--overwrite"):
@@ -286,11 +409,11 @@ def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
 def test_compute_dtype_is_what_the_scores_are_measured_in(tiny, tmp_path):
     """--compute-dtype reaches the scoring forwards (bf16 rounds the KL scores differently from fp32), the
     report records it, and an unknown value is refused before any work."""
-    from hetero_convert.prune import PruneError, PruneOptions, prune
+    from hetero_convert.pruning import PruneError, PruneOptions, prune
 
     kl = {}
     for dt in ("fp32", "bf16"):
-        opts = PruneOptions(calib_tokens=256, score_tokens=128, seq_len=32, compute_dtype=dt)
+        opts = PruneOptions(calib_tokens=256, score_tokens=64, seq_len=32, compute_dtype=dt)
         report = prune(tiny, tmp_path / dt, calib_ids=calib_ids(), target="params", fraction=0.7, options=opts)
         assert report["options"]["compute_dtype"] == dt and report["compute_dtype"] == dt
         assert json.loads((tmp_path / dt / "prune_scores.json").read_text())["compute_dtype"] == dt
@@ -301,7 +424,8 @@ def test_compute_dtype_is_what_the_scores_are_measured_in(tiny, tmp_path):
     assert sum(close) >= 0.8 * len(close)  # the same measurement, at a coarser precision
     # Reusing bf16 scores in an fp32 run is allowed, and the report says so.
     report = prune(tiny, tmp_path / "reuse", calib_ids=calib_ids(), target="params", fraction=0.7,
-                   scores_from=tmp_path / "bf16", options=PruneOptions(calib_tokens=256, score_tokens=128, seq_len=32))
+                   scores_from=tmp_path / "bf16", options=PruneOptions(calib_tokens=256, score_tokens=64, seq_len=32,
+                                                                       compute_dtype="fp32"))
     assert report["compute_dtype"] == "fp32" and report["scores_compute_dtype"] == "bf16"
     with pytest.raises(PruneError, match="--compute-dtype must be one of"):
         prune(tiny, tmp_path / "x", calib_ids=calib_ids(), target="params", fraction=0.7,

@@ -374,9 +374,12 @@ def plan_convert(
 def prune(
     src: Path = typer.Argument(..., help="HF Llama or DeciLM checkpoint to prune"),
     out: Path = typer.Argument(..., help="Directory for the pruned DeciLM checkpoint (and prune_scores.json)"),
-    calib: Path = typer.Option(..., "--calib", help="Calibration text file (plain text)"),
-    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Tokens the statistics are measured on"),
-    score_tokens: int = typer.Option(4096, "--score-tokens", help="Of those, tokens each variant is scored on"),
+    calib: Optional[list[Path]] = typer.Option(None, "--calib", help="Calibration text file (plain text); repeat "
+                                               "for a mix of domains. Default: a mix made from Python's own docs "
+                                               "and docstrings"),
+    calib_tokens: int = typer.Option(16384, "--calib-tokens", help="Calibration tokens: fit + held-back scoring"),
+    score_tokens: int = typer.Option(768, "--score-tokens", help="Of those, held back from the fits and used to "
+                                     "score every variant"),
     seq_len: int = typer.Option(256, "--seq-len", help="Calibration sequence length"),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Fraction of non-embedding params"),
     target_kv_cache: Optional[float] = typer.Option(None, "--target-kv-cache", help="Fraction of KV-cache bytes/token"),
@@ -385,56 +388,62 @@ def prune(
     ffn_widths: Optional[str] = typer.Option(None, "--ffn-widths", help="Comma-separated FFN widths to try "
                                              "(multiples of 256; default: the format's widths, at most 8)"),
     reuse_scores: bool = typer.Option(False, "--reuse-scores", help="Search again with OUT/prune_scores.json"),
-    scores_from: Optional[Path] = typer.Option(None, "--scores-from", help="Reuse scores from this file"),
+    scores_from: Optional[Path] = typer.Option(None, "--scores-from", help="Reuse scores (and fits) from this "
+                                               "file or directory"),
+    keep_fits: bool = typer.Option(True, "--keep-fits/--drop-fits", help="Keep OUT/prune_fits (every variant's "
+                                   "fitted tensors) so --reuse-scores needs no calibration pass"),
     megatron: Optional[Path] = typer.Option(None, "--megatron", help="Also write a Megatron checkpoint here"),
-    tp: int = typer.Option(1, "--tp"),
-    pp: int = typer.Option(1, "--pp"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype",
-                                                help="fp32 | bf16 for the scoring forwards (default: fp32 on "
-                                                     "cpu, bf16 on cuda)"),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size of the --megatron checkpoint"),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size of the --megatron checkpoint"),
+    device: str = typer.Option("cpu", "--device", metavar="cpu|cuda", help="Where the scoring runs"),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", metavar="fp32|bf16",
+                                                help="Dtype of the scoring forwards (default: bf16 on cuda and on "
+                                                     "CPUs with native bf16, else fp32)"),
     batch_size: int = typer.Option(4, "--batch-size", help="Calibration sequences per forward"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier prune output in OUT"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (warnings still go to the report)"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
 ):
     """Prune into a smaller heterogeneous DeciLM model: per-layer variants scored by KL, exact knapsack search."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    from ..prune import PruneError, PruneOptions
+    from ..pruning import PruneError, PruneOptions
+    from ..pruning.progress import make_progress
 
     targets = {k: v for k, v in (("params", target_params), ("kv_cache", target_kv_cache),
                                  ("flops", target_flops)) if v is not None}
     if len(targets) != 1:
         fail("give exactly one of --target-params, --target-kv-cache, --target-flops")
     (target, fraction), = targets.items()
-    if not 0 < fraction:
-        fail("the target must be a positive fraction")
-    if not calib.is_file():
-        fail(f"--calib {calib}: no such file")
+    if not 0 < fraction <= 1:
+        fail(f"--target-{target.replace('_', '-')} {fraction:g}: the target is a fraction of the parent, in (0, 1]")
+    for path in calib or []:
+        if not path.is_file():
+            fail(f"--calib {path}: no such file")
     try:
         widths = [int(w) for w in ffn_widths.split(",")] if ffn_widths else None
     except ValueError:
         fail(f"--ffn-widths {ffn_widths!r}: expected comma-separated integers")
     options = PruneOptions(calib_tokens=calib_tokens, score_tokens=score_tokens, seq_len=seq_len,
                            batch_size=batch_size, device=device, compute_dtype=compute_dtype, ffn_widths=widths,
-                           flops_context=flops_context)
+                           flops_context=flops_context, keep_fits=keep_fits)
+    texts = {f"{k}:{p.name}": p.read_text(encoding="utf-8", errors="replace") for k, p in enumerate(calib)} \
+        if calib else None
     try:
-        from .progress import StepProgress
+        with make_progress(quiet, err) as progress:
+            from ..pruning import prune as run_prune
 
-        with StepProgress(not as_json) as progress:
-            from ..prune import prune as run_prune
-
-            report = run_prune(src, out, calib.read_text(encoding="utf-8", errors="replace"), target=target,
-                               fraction=fraction, options=options, reuse_scores=reuse_scores,
-                               scores_from=scores_from, megatron=megatron, tp=tp, pp=pp, overwrite=overwrite,
-                               progress=progress)
+            report = run_prune(src, out, texts, target=target, fraction=fraction, options=options,
+                               reuse_scores=reuse_scores, scores_from=scores_from, megatron=megatron, tp=tp, pp=pp,
+                               overwrite=overwrite, progress=progress)
     except (HeteroConvertError, PruneError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     if as_json:
         print(json.dumps(report, indent=1))
         return
     print_prune_report(report, out)
+
 
 if __name__ == "__main__":
     app()

@@ -36,35 +36,3 @@ class Progress:
     def __exit__(self, *exc):
         if self.enabled:
             self.p.stop()
-
-
-
-
-class StepProgress:
-    """A bar per step ("parent pass", "layer 3", "export") on a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.tasks: dict = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as P, TimeElapsedColumn
-
-            self.p = P("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=err, transient=True)
-            self.p.start()
-        return self
-
-    def __call__(self, desc: str, done: int, total: int):
-        if not self.enabled:
-            return
-        if desc not in self.tasks:
-            self.tasks[desc] = self.p.add_task(desc, total=total)
-        self.p.update(self.tasks[desc], completed=done)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.stop()
-
-

@@ -1,4 +1,4 @@
-"""The parent model, held layer by layer, and its one calibration pass.
+"""The parent model, held layer by layer, and the calibration token windows.
 
 A Llama checkpoint is read as a homogeneous DeciLM (the per-layer plan of a Llama config, identical tensor
 names), so every forward here goes through our DeciLM layer classes: the layers that are scored are the
@@ -6,23 +6,25 @@ layers that get exported. Layers are built on demand from the safetensors files 
 least-recently-used cache of bounded size, so a model larger than memory is streamed; only the embedding,
 final norm and output head stay resident.
 
-`calibrate` runs the parent once and keeps, for every layer, its input hidden states on the calibration
-tokens, plus the parent's output log-probabilities on the scoring tokens. Every later step (statistics,
-scoring a variant at layer i) starts from the cached input of layer i instead of recomputing layers < i.
+The scoring sweep (scoring.py) builds each layer once, in order, and keeps only the current hidden states.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..hf.configuration_decilm import DeciLMConfig
-from ..hf.modeling_decilm import DeciLMDecoderLayer, DeciLMRMSNorm, DeciLMRotaryEmbedding, build_attention_bias
+from ..hf.modeling_decilm import (
+    DeciLMDecoderLayer,
+    DeciLMRMSNorm,
+    DeciLMRotaryEmbedding,
+    build_attention_bias,
+)
 from ..io.hf_reader import HFCheckpoint
 from ..plan import LayerPlan, ModelPlan, load_config, load_plan
 
@@ -87,12 +89,13 @@ class ParentModel:
         return {k[len(prefix):]: self.ckpt.read(k) for k in self.ckpt.tensors if k.startswith(prefix)
                 and not k.endswith("rotary_emb.inv_freq")}
 
-    def build(self, layer: LayerPlan, tensors: dict[str, torch.Tensor]) -> DeciLMDecoderLayer:
-        """The module of a layer variant, on the device in the compute dtype. Built on the meta device and
-        then given the tensors, so no random initialisation is ever computed."""
+    def build(self, layer: LayerPlan, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+              ) -> DeciLMDecoderLayer:
+        """The module of a layer variant, on the device in `dtype` (default: the compute dtype). Built on the
+        meta device and then given the tensors, so no random initialisation is ever computed."""
         with torch.device("meta"):
             module = DeciLMDecoderLayer(self.layer_config(layer), 0, None)
-        state = {k: v.to(self.device, self.dtype) for k, v in tensors.items()}
+        state = {k: v.to(self.device, dtype or self.dtype) for k, v in tensors.items()}
         module.load_state_dict(state, strict=True, assign=True)
         return module.eval()
 
@@ -108,24 +111,25 @@ class ParentModel:
         return module
 
     # ---- running -------------------------------------------------------------------------------------------
-    def positional(self, seq_len: int):
+    def positional(self, seq_len: int, dtype: torch.dtype | None = None):
         """(cos, sin) and the causal additive mask for sequences of `seq_len`, with batch 1: they broadcast."""
-        if seq_len not in self._positional:
-            probe = torch.empty(1, seq_len, 1, device=self.device, dtype=self.dtype)
+        dtype = dtype or self.dtype
+        if (seq_len, dtype) not in self._positional:
+            probe = torch.empty(1, seq_len, 1, device=self.device, dtype=dtype)
             pos = torch.arange(seq_len, device=self.device).unsqueeze(0)
-            bias = build_attention_bias(None, 1, seq_len, 0, self.dtype, self.device)
-            self._positional[seq_len] = (self.rotary(probe, pos), bias)
-        return self._positional[seq_len]
+            bias = build_attention_bias(None, 1, seq_len, 0, dtype, self.device)
+            self._positional[seq_len, dtype] = (self.rotary(probe, pos), bias)
+        return self._positional[seq_len, dtype]
 
     def run(self, module, h: torch.Tensor) -> torch.Tensor:
-        pos_emb, bias = self.positional(h.shape[1])
+        pos_emb, bias = self.positional(h.shape[1], h.dtype)
         return module(h, pos_emb, bias, None)
 
-    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed).to(self.device, self.dtype)
+    def embed_ids(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return F.embedding(ids, self.embed).to(self.device, dtype or self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return (self.norm(h) @ self.lm_head.T).float()
+        return (self.norm(h.to(self.dtype)) @ self.lm_head.T).float()
 
 
 def default_resident_bytes(device: torch.device) -> int:
@@ -140,17 +144,11 @@ def _nbytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-# ---- calibration -------------------------------------------------------------------------------------------------
-
-
-def calibration_ids(tokenizer, text: str, num_tokens: int, seq_len: int) -> torch.Tensor:
-    """[n, seq_len] token ids: n = num_tokens // seq_len windows spread evenly over the whole text, so the
-    calibration sees all of it rather than its beginning."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return windows(torch.tensor(ids, dtype=torch.long), num_tokens, seq_len)
+# ---- calibration ---------------------------------------------------------------------------------------------
 
 
 def windows(ids: torch.Tensor, num_tokens: int, seq_len: int) -> torch.Tensor:
+    """[n, seq_len] windows, n = num_tokens // seq_len spread evenly over `ids` (evaluation text)."""
     available = ids.numel() // seq_len
     wanted = max(1, num_tokens // seq_len)
     if available == 0:
@@ -158,59 +156,3 @@ def windows(ids: torch.Tensor, num_tokens: int, seq_len: int) -> torch.Tensor:
     n = min(wanted, available)
     starts = torch.linspace(0, available - 1, n).round().long() * seq_len
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-@dataclass
-class Calibration:
-    """What the one parent pass leaves behind."""
-
-    ids: torch.Tensor  # [n_seqs, seq_len]
-    batch_size: int
-    score_batches: int  # the first this-many batches are the scoring tokens
-    inputs: list  # inputs[i][b]: layer i's input on batch b, CPU, compute dtype
-    probs: list  # probs[b]: the parent's output distribution on scoring batch b [B, S, V], float32, CPU
-    plogp: list  # plogp[b]: sum_v p log p per token [B, S] (minus the entropy), float64
-    parent_lm_loss: float
-
-    def batch_ids(self, b: int) -> torch.Tensor:
-        return self.ids[b * self.batch_size:(b + 1) * self.batch_size]
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.inputs[0]) if self.inputs else 0
-
-    def fingerprint(self) -> dict:
-        import hashlib
-
-        digest = hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()[:16]
-        return {"calibration_sha256_16": digest, "sequences": int(self.ids.shape[0]),
-                "seq_len": int(self.ids.shape[1]), "score_sequences": min(self.ids.shape[0],
-                                                                           self.score_batches * self.batch_size)}
-
-
-@torch.no_grad()
-def calibrate(parent: ParentModel, ids: torch.Tensor, score_seqs: int, batch_size: int,
-              progress=None) -> Calibration:
-    """One parent forward over the calibration tokens, layer-major (one layer resident at a time)."""
-    batches = [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    score_batches = max(1, min(len(batches), -(-score_seqs // batch_size)))
-    h = [parent.embed_ids(b).cpu() for b in batches]
-    inputs = []
-    n = parent.plan.num_layers
-    for i in range(n):
-        inputs.append(h)
-        layer = parent.layer(i)
-        h = [parent.run(layer, x.to(parent.device)).cpu() for x in h]
-        if progress:
-            progress("parent pass", i + 1, n)
-    probs, plogp, nll, count = [], [], 0.0, 0
-    for b in range(score_batches):
-        lp = torch.log_softmax(parent.logits(h[b].to(parent.device)), dim=-1)
-        target = batches[b][:, 1:].to(lp.device)
-        nll += -lp[:, :-1].gather(-1, target[..., None]).sum().item()
-        count += target.numel()
-        p = lp.exp()
-        # p log p with 0 log 0 = 0 (an underflowed p would otherwise give 0 * -inf).
-        plogp.append(torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(-1, dtype=torch.float64).cpu())
-        probs.append(p.cpu())
-    return Calibration(ids, batch_size, score_batches, inputs, probs, plogp, nll / max(count, 1))
