@@ -140,8 +140,8 @@ def test_prune_output_kind(refs, tmp_path):
     """What prune may write over (its own outputs, again, even without --overwrite: it reuses its scores from
     there), and what not: a directory holding a pruning_report.json next to anything else."""
     from hetero_convert.io.outputs import PRUNE_FILES
-    from hetero_convert.prune.export import REPORT_FILE
-    from hetero_convert.prune.scoring import SCORES_FILE
+    from hetero_convert.pruning.export import REPORT_FILE
+    from hetero_convert.pruning.scoring import SCORES_FILE
 
     assert set(PRUNE_FILES) == {SCORES_FILE, REPORT_FILE}  # io cannot import prune: the names are repeated there
     out = tmp_path / "pruned"

@@ -17,7 +17,7 @@ import typer
 from ..errors import HeteroConvertError, JobFailed
 from ..launch import world
 from .failures import Commands, debugging, print_error
-from .render import console, print_inspect, print_plan_conversion, print_prune_report, \
+from .render import console, err, print_inspect, print_plan_conversion, print_prune_report, \
     print_spec, print_summary
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,

@@ -57,7 +57,7 @@ def _hf_names() -> tuple[str, ...]:
             *(os.path.basename(p) for p in remote_code_files()))
 
 
-PRUNE_FILES = ("prune_scores.json", "pruning_report.json")  # prune.scoring.SCORES_FILE, prune.export.REPORT_FILE
+PRUNE_FILES = ("prune_scores.json", "pruning_report.json")  # pruning.scoring.SCORES_FILE, pruning.export.REPORT_FILE
 
 
 def _files_problem(path: Path, allowed: Iterable[str], what: str) -> str | None:
