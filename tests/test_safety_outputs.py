@@ -139,15 +139,24 @@ def test_overwrite_replaces_a_previous_output_of_the_same_kind(refs, tmp_path):
 def test_prune_output_kind(refs, tmp_path):
     """What prune may write over (its own outputs, again, even without --overwrite: it reuses its scores from
     there), and what not: a directory holding a pruning_report.json next to anything else."""
-    from hetero_convert.io.outputs import PRUNE_FILES
+    from hetero_convert.io.outputs import PRUNE_FILES, PRUNE_FOLDERS
     from hetero_convert.pruning.export import REPORT_FILE
+    from hetero_convert.pruning.fits import FITS_DIR, FITS_META, FitStore
     from hetero_convert.pruning.scoring import SCORES_FILE
 
-    assert set(PRUNE_FILES) == {SCORES_FILE, REPORT_FILE}  # io cannot import prune: the names are repeated there
+    # io cannot import pruning: the names are repeated there
+    assert set(PRUNE_FILES) == {SCORES_FILE, REPORT_FILE} and set(PRUNE_FOLDERS) == {FITS_DIR}
+    assert FITS_META in PRUNE_FOLDERS[FITS_DIR] and FitStore(tmp_path).path(3).name == "layer-00003.safetensors"
     out = tmp_path / "pruned"
-    out.mkdir()
+    (out / "prune_fits").mkdir(parents=True)
     (out / "prune_scores.json").write_text("{}")
+    (out / "prune_fits" / "layer-00000.safetensors").write_bytes(b"")
     check_output(out, PRUNE, overwrite=False, sources=[refs["src"]])  # scores of a run whose export failed
+    (out / "prune_fits" / "notes.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="its prune_fits folder holds 'notes.txt', which hetero-convert does "
+                                              "not write"):
+        check_output(out, PRUNE, overwrite=True)
+    (out / "prune_fits" / "notes.txt").unlink()
     shutil.copytree(refs["hf"], out, dirs_exist_ok=True)
     (out / "pruning_report.json").write_text("{}")
     check_output(out, PRUNE, overwrite=False, sources=[refs["src"]])  # a complete prune output, run again

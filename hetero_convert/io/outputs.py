@@ -57,34 +57,44 @@ def _hf_names() -> tuple[str, ...]:
             *(os.path.basename(p) for p in remote_code_files()))
 
 
-PRUNE_FILES = ("prune_scores.json", "pruning_report.json")  # pruning.scoring.SCORES_FILE, pruning.export.REPORT_FILE
+# What prune adds to a HF checkpoint directory (repeated from pruning/, which io cannot import; a test pins
+# them): scores.SCORES_FILE, export.REPORT_FILE, and fits.FITS_DIR, its folder of fitted tensors.
+PRUNE_FILES = ("prune_scores.json", "pruning_report.json")
+PRUNE_FOLDERS = {"prune_fits": ("layer-*.safetensors", "layer-*.tmp", "fits.json")}
 
 
-def _files_problem(path: Path, allowed: Iterable[str], what: str) -> str | None:
-    allowed = tuple(allowed)
+def _files_problem(path: Path, allowed: Iterable[str], what: str, folders: dict | None = None) -> str | None:
+    """None when `path` holds only files matching `allowed`, and folders of `folders` holding only files
+    matching theirs."""
+    allowed, folders = tuple(allowed), folders or {}
     for e in entries(path):
         if e.is_dir(follow_symlinks=False):
-            return f"it holds the folder {_shown(e.name)}, which a {what} never holds"
-        if not e.is_file(follow_symlinks=False) or not any(fnmatchcase(e.name, p) for p in allowed):
+            if e.name not in folders:
+                return f"it holds the folder {_shown(e.name)}, which a {what} never holds"
+            inner = _files_problem(Path(e.path), folders[e.name], f"{what}'s {e.name} folder")
+            if inner:
+                return inner.replace("it holds", f"its {e.name} folder holds", 1)
+        elif not e.is_file(follow_symlinks=False) or not any(fnmatchcase(e.name, p) for p in allowed):
             return f"it holds {_shown(e.name)}, which hetero-convert does not write in a {what}"
     return None
 
 
-def _hf_problem(path: Path, extra: tuple[str, ...] = ()) -> str | None:
+def _hf_problem(path: Path, extra: tuple[str, ...] = (), folders: dict | None = None) -> str | None:
     from .hf_index import INDEX_FILE
 
     if not (path / "config.json").is_file() or not ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))):
         return "it has no config.json and safetensors weights, so it is not a HF checkpoint directory"
-    return _files_problem(path, _hf_names() + extra, "HF checkpoint directory")
+    return _files_problem(path, _hf_names() + extra, "HF checkpoint directory", folders)
 
 
 def _prune_problem(path: Path) -> str | None:
     names = {e.name for e in entries(path)}
-    if names and names <= set(PRUNE_FILES):  # scores saved by a run whose export did not happen (yet)
-        return None
-    if not names & set(PRUNE_FILES):
-        return f"it holds neither {PRUNE_FILES[0]} nor {PRUNE_FILES[1]}, so it is not a prune output"
-    return _hf_problem(path, PRUNE_FILES)
+    if not names & set(PRUNE_FILES) | set(PRUNE_FOLDERS):
+        return (f"it holds none of {', '.join(PRUNE_FILES + tuple(PRUNE_FOLDERS))}, so it is not a prune "
+                f"output")
+    if names <= set(PRUNE_FILES) | set(PRUNE_FOLDERS):  # scores and fits of a run whose export did not happen
+        return _files_problem(path, PRUNE_FILES, "prune output", PRUNE_FOLDERS)
+    return _hf_problem(path, PRUNE_FILES, PRUNE_FOLDERS)
 
 
 @dataclass(frozen=True)
