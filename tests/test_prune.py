@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -404,6 +405,18 @@ def test_prune_refuses_a_foreign_output_directory(tiny, tmp_path):
     (tmp_path / "important.txt").write_text("keep me")
     with pytest.raises(PruneError, match="--overwrite"):
         prune(tiny, tmp_path, calib_ids=calib_ids(), target="params", fraction=0.5)
+    with pytest.raises(PruneError, match="--overwrite refused: it holds none of prune_scores.json"):
+        prune(tiny, tmp_path, calib_ids=calib_ids(), target="params", fraction=0.5, overwrite=True)
+    assert (tmp_path / "important.txt").read_text() == "keep me"
+    # A HF checkpoint that no prune run wrote is not rewritten in place (prune's reruns are): --overwrite needed,
+    # and even then refused, since it is not a prune output.
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    for overwrite in (False, True):
+        with pytest.raises(PruneError, match="so it is not a prune output"):
+            prune(tiny, other, calib_ids=calib_ids(), target="params", fraction=0.5, overwrite=overwrite)
+    with pytest.raises(PruneError, match="it is the source"):
+        prune(tiny, tiny, calib_ids=calib_ids(), target="params", fraction=0.5, overwrite=True)
 
 
 def test_compute_dtype_is_what_the_scores_are_measured_in(tiny, tmp_path):

@@ -89,7 +89,7 @@ def _hf_problem(path: Path, extra: tuple[str, ...] = (), folders: dict | None = 
 
 def _prune_problem(path: Path) -> str | None:
     names = {e.name for e in entries(path)}
-    if not names & set(PRUNE_FILES) | set(PRUNE_FOLDERS):
+    if not names & (set(PRUNE_FILES) | set(PRUNE_FOLDERS)):
         return (f"it holds none of {', '.join(PRUNE_FILES + tuple(PRUNE_FOLDERS))}, so it is not a prune "
                 f"output")
     if names <= set(PRUNE_FILES) | set(PRUNE_FOLDERS):  # scores and fits of a run whose export did not happen

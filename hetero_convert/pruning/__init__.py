@@ -26,7 +26,8 @@ import torch
 
 from ..plan import load_plan
 from ..dtypes import SHORT as DTYPES
-from ..errors import PruneError
+from ..errors import ConversionError, PruneError
+from ..io.staging import PRUNE, check_output
 from .calibration import default_texts, mixed_windows, tokenize_texts
 from .candidates import Recipe, attention_options, ffn_options
 from .export import REPORT_FILE, export_checkpoint, export_units
@@ -52,10 +53,6 @@ from .search import (
     select,
     solve_mckp,
 )
-
-# What a previous prune run leaves in OUT; anything else there needs --overwrite.
-OWN_FILES = {SCORES_FILE, REPORT_FILE, FITS_DIR}
-
 
 COMPUTE_DTYPES = {k: DTYPES[k] for k in ("fp32", "bf16")}
 
@@ -83,13 +80,13 @@ class PruneOptions:
     keep_fits: bool = True  # leave OUT/prune_fits (the fitted tensors of every variant) for later --reuse-scores
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PruneError(f"{out} exists and is not a directory")
-    if out.is_dir() and not overwrite:
-        foreign = [p.name for p in out.iterdir() if p.name not in OWN_FILES]
-        if foreign and not (out / REPORT_FILE).is_file():
-            raise PruneError(f"{out} holds other files ({', '.join(sorted(foreign)[:4])}); use --overwrite")
+def check_out_dir(out: Path, overwrite: bool, src: Path) -> None:
+    """OUT must be new, empty, or a previous prune output (io/outputs.py says exactly what that may hold), and
+    never the source or a folder around it; checked before any calibration work."""
+    try:
+        check_output(out, PRUNE, overwrite, sources=[src])
+    except ConversionError as e:
+        raise PruneError(str(e)) from None
 
 
 def model_summary(plan, flops_context: int) -> dict:
@@ -204,7 +201,7 @@ def prune(src, out, calib_text=None, *, target: str, fraction: float, options: P
         raise PruneError("--device cuda: no CUDA device is available")
     if options.compute_dtype not in (None, *COMPUTE_DTYPES):
         raise PruneError(f"--compute-dtype must be one of {sorted(COMPUTE_DTYPES)}")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, src)
     check_target(load_plan(source_config(src)), target, fraction, options)  # before any work
     t0 = time.time()
     device = torch.device(options.device)

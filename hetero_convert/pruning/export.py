@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..io.hf_checkpoint import ShardedWriter, copy_tokenizer, has_tokenizer, write_config, write_generation_config
-from ..io.staging import Staging
+from ..io.staging import PRUNE, Staging
 from ..plan import LayerPlan, ModelPlan, load_plan
 from .fits import FITS_DIR, FitStore, is_fitted
 from .parent import ParentModel
@@ -46,7 +46,7 @@ def export_checkpoint(parent: ParentModel, fits: FitStore | None, plan: ModelPla
     old_scores = out_dir / SCORES_FILE
     carried_scores = old_scores.read_text() if old_scores.is_file() else None
     old_fits = out_dir / FITS_DIR
-    with Staging(out_dir, overwrite) as stage:
+    with Staging(out_dir, overwrite, kind=PRUNE, sources=[parent.dir]) as stage:
         tmp = stage.begin()
         # One shard per layer that has tensors, then the embedding, final norm and output layer: the export
         # holds one layer in memory, and every shard's layout is known from the plan before it is written.
