@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .io.hf_index import CheckpointError
-from .io.hf_reader import HFCheckpoint
+from .io.quantized import open_checkpoint
 from .plan import load_plan
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +73,7 @@ class LayerStreamedReference:
     def __init__(self, hf_dir: str | Path, device: str | torch.device = "cpu"):
         self.dir = Path(hf_dir)
         self.plan = load_plan(self.dir)
-        self.ckpt = HFCheckpoint(self.dir)
+        self.ckpt = open_checkpoint(self.dir)  # ModelOpt FP8/NVFP4: the weights dequantized, as converted
         self.device = torch.device(device)
         self.llama = self.plan.source_format == "llama"
         self.config = self._hf_config()

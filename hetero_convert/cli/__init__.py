@@ -143,13 +143,13 @@ def hf_to_megatron_cmd(
         names = []  # reported, with the rest of the checks, by the converter
     hashes = FileHashes(hf_dir / n for n in names)
     from ..convert import hf_to_megatron
-    from ..io.hf_reader import HFCheckpoint
+    from ..io.quantized import open_checkpoint
     from .process import settle_process_for_streaming
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
     try:
-        total = HFCheckpoint(hf_dir).total_bytes()
+        total = open_checkpoint(hf_dir).total_bytes()  # a quantized checkpoint: its dequantized size
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
         with Progress(total, "hf-to-megatron", not as_json and env.size == 1) as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
