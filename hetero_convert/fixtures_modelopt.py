@@ -242,4 +242,4 @@ def tiny_super_config(layers: int = 10) -> dict:
         if len(picked) == layers:
             break
     return {**cfg, "hidden_size": 128, "num_attention_heads": 8, "vocab_size": 1000, "num_hidden_layers": len(picked),
-            "max_position_embeddings": 4096, "block_configs": picked}
+            "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "block_configs": picked}

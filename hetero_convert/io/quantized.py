@@ -111,6 +111,10 @@ class QuantizedWeight:
     consumed: tuple[str, ...]  # every stored tensor this weight accounts for
 
 
+def _first_row(bad: torch.Tensor) -> int:
+    return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])
+
+
 def _suffix(name: str) -> tuple[str, str]:
     module, _, suffix = name.rpartition(".")
     return module, suffix
@@ -257,9 +261,9 @@ class QuantizedCheckpoint:
             block.copy_(self._dequantize(q, rows, c0, c1))
             lo, hi = torch.aminmax(block.reshape(-1)) if block.numel() else (torch.zeros(()), torch.zeros(()))
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                bad = int((~torch.isfinite(block)).sum())
-                raise CheckpointError(f"{quoted(name)} rows {rows.start}..{rows.stop - 1}: {bad} values dequantize "
-                                      f"to NaN/Inf (NaN codes in {q.weight.name} or {q.scale.name})")
+                bad = ~torch.isfinite(block)
+                raise CheckpointError(f"{quoted(name)} row {rows.start + _first_row(bad)}: {int(bad.sum())} values "
+                                      f"dequantize to NaN/Inf (NaN codes in {q.weight.name} or {q.scale.name})")
 
     def _dequantize(self, q: QuantizedWeight, rows: slice, c0: int, c1: int) -> torch.Tensor:
         n, full = rows.stop - rows.start, (c0, c1) == (0, q.shape[1])
@@ -271,8 +275,9 @@ class QuantizedCheckpoint:
             self.raw.read_into(block_scale, q.scale.name, rows.start,
                                None if full else slice(b0 // NVFP4_GROUP, b1 // NVFP4_GROUP))
             if block_scale.numel() and not float(block_scale.to(torch.float32).min()) > 0:
-                raise CheckpointError(f"{quoted(q.scale.name)} rows {rows.start}..{rows.stop - 1}: block scales "
-                                      f"must be positive (ModelOpt writes 2^-9..448)")
+                row = rows.start + _first_row(~(block_scale.to(torch.float32) > 0))
+                raise CheckpointError(f"{quoted(q.scale.name)} row {row}: block scales must be positive (ModelOpt "
+                                      f"writes 2^-9..448)")
             w = dequantize_nvfp4(packed, block_scale, q.global_scale, self.dtype)
             return w if full else w[:, c0 - b0:c1 - b0]
         codes = torch.empty((n, c1 - c0), dtype=FP8)
@@ -280,8 +285,9 @@ class QuantizedCheckpoint:
         if q.fmt == "fp8":
             return dequantize_fp8(codes, q.scale_value, self.dtype)
         scale = self.raw.read(q.scale.name, rows=rows).reshape(n, 1)
-        if n and not (torch.isfinite(scale).all() and float(scale.min()) > 0):
-            raise CheckpointError(f"{quoted(q.scale.name)} rows {rows.start}..{rows.stop - 1}: scales must be "
+        bad = ~(torch.isfinite(scale) & (scale > 0))
+        if bool(bad.any()):
+            raise CheckpointError(f"{quoted(q.scale.name)} row {rows.start + _first_row(bad)}: scales must be "
                                   f"finite and positive")
         return dequantize_fp8(codes, scale, self.dtype)
 
