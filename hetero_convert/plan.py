@@ -101,7 +101,8 @@ class ModelPlan:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
-    # Where the plan came from: "decilm", "decilm-newer", "decilm-7b", "llama".
+    # Where the plan came from: "decilm", "decilm-newer", "decilm-7b", "llama", and the Puzzletron forms
+    # "puzzletron" (block_configs in a Llama config) and "anymodel" (vLLM's per_layer_config).
     source_format: str = "decilm"
     # Every *_token_id of the source config (bos, eos, pad, unk, ...), carried to exported configs untouched.
     special_tokens: dict = field(default_factory=dict)
@@ -261,6 +262,8 @@ def load_plan(source: str | Path | dict) -> ModelPlan:
         `ffn_mult`; model_type "nemotron-nas" or "deci"), and partial subblock dicts relying on defaults;
       - the newer schema stating `num_key_value_heads` / `intermediate_size` per block;
       - Deci/DeciLM-7B: `num_key_value_heads_per_layer` with a global `intermediate_size`;
+      - ModelOpt Puzzletron children of Llama: `block_configs` in the parent's config, or vLLM AnyModel's
+        `per_layer_config` (puzzletron.py);
       - plain LlamaForCausalLM configs.
     """
     cfg = source if isinstance(source, dict) else load_config(source)
@@ -295,7 +298,12 @@ class _Parser:
             if c.get(bias):
                 raise PlanError(f"{bias}=true is not supported: DeciLM/Llama layers are bias-free")
 
-        if "block_configs" in c and c["block_configs"] is not None:
+        from .puzzletron import parse_layers, schema_of
+
+        schema = schema_of(c)  # a ModelOpt Puzzletron child: its parent's config with per-layer overrides
+        if schema is not None:
+            layers, fmt = parse_layers(c, schema, num_layers, heads), schema
+        elif "block_configs" in c and c["block_configs"] is not None:
             layers, fmt = self.parse_blocks(c["block_configs"], num_layers, hidden, heads)
         elif c.get("num_key_value_heads_per_layer") is not None:
             layers, fmt = self.parse_decilm_7b(num_layers, heads), "decilm-7b"

@@ -174,6 +174,8 @@ def megatron_to_hf_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+    schema: str = typer.Option("auto", "--schema", metavar="auto|decilm|llama|puzzletron|anymodel",
+                               help="config.json schema to write (auto: the one the model came in)"),
 ):
     """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF checkpoint, streaming."""
     from ..convert import megatron_to_hf
@@ -186,7 +188,7 @@ def megatron_to_hf_cmd(
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
-                               progress=prog, distributed=distributed)
+                               progress=prog, distributed=distributed, schema=schema)
     except (HeteroConvertError, FileNotFoundError) as e:
         fail_job(e)
     if env.coordinator:

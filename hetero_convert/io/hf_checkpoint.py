@@ -127,13 +127,40 @@ def dtype_key(source_config: dict | None) -> str:
     return "torch_dtype"
 
 
+SCHEMAS = ("auto", "decilm", "llama", "puzzletron", "anymodel")
+
+
+def export_schema(plan, schema: str | None):
+    """The plan to write in `schema` (auto: the one it came in), refused when the schema cannot express it."""
+    import dataclasses
+
+    from ..errors import ConversionError
+    from ..puzzletron import FORMATS, expressible
+
+    if schema in (None, "auto"):
+        return plan
+    if schema not in SCHEMAS:
+        raise ConversionError(f"schema must be one of {list(SCHEMAS)}, got {schema!r}")
+    if schema == "llama" and plan.llama_config() is None:
+        raise ConversionError("the model cannot be written as a LlamaForCausalLM: its layers differ")
+    if schema in FORMATS and expressible(plan):
+        raise ConversionError(f"the model cannot be written as a Puzzletron child ({'; '.join(expressible(plan)[:5])})"
+                              f": use the DeciLM schema")
+    return dataclasses.replace(plan, source_format=schema)
+
+
 def write_config(out: str | Path, plan, dtype: torch.dtype, source_config: dict | None = None) -> dict:
     """config.json (and the remote code when it is a DeciLM config): a Llama that went in comes back as a
-    Llama, everything else as DeciLM; the dtype under the source's key. Returns it."""
+    Llama, a Puzzletron child in its schema, everything else as DeciLM; the dtype under the source's key.
+    `plan.source_format` decides (`export_schema` sets it for --schema). Returns it."""
     from ..remote_code import write_remote_code
+
+    from ..puzzletron import FORMATS, export_config
 
     out = Path(out)
     cfg = plan.llama_config() if plan.source_format == "llama" else None
+    if plan.source_format in FORMATS:  # a Puzzletron child goes back in its own schema
+        cfg = export_config(plan, plan.source_format, source_config)
     if cfg is None:
         cfg = plan.hf_config()
         cfg["auto_map"] = write_remote_code(out)
