@@ -40,7 +40,7 @@ def describe_model(plan: ModelPlan, tp: int = 1, pp: int = 1, source: str = "") 
         "non_embedding_parameters": plan.num_parameters(include_embeddings=False),
         "kv_cache_bytes_per_token_bf16": plan.kv_cache_bytes_per_token(2),
         "counts": {
-            "gqa_attention": kinds["attention gqa"],
+            "gqa_attention": kinds["attention gqa"] + kinds.get("attention gqa_qk_norm", 0),
             "linear_attention": kinds["attention linear"],
             "no_attention": kinds["attention none"],
             "swiglu_ffn": kinds["ffn swiglu"],

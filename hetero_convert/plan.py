@@ -106,6 +106,8 @@ class ModelPlan:
     source_format: str = "decilm"
     # Every *_token_id of the source config (bos, eos, pad, unk, ...), carried to exported configs untouched.
     special_tokens: dict = field(default_factory=dict)
+    # A head size other than hidden / heads (Qwen3 states one; megatron-core takes it as kv_channels).
+    attention_head_dim: int | None = None
 
     # ---- dimensions --------------------------------------------------------------------------------
     @property
@@ -114,7 +116,7 @@ class ModelPlan:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def rope_factor(self) -> float | None:
@@ -185,8 +187,9 @@ class ModelPlan:
         return [{"attention": MEGATRON_DEFAULTS[ATTENTION] | l.attention.spec.megatron_fields(l.attention),
                  "mlp": MEGATRON_DEFAULTS[FFN_PART] | l.ffn.spec.megatron_fields(l.ffn)} for l in self.layers]
 
-    def hf_config(self) -> dict:
-        """A complete DeciLM config.json (without auto_map, which the exporter adds with the code files)."""
+    def hf_config(self, block_configs: bool = True) -> dict:
+        """A complete DeciLM config.json (without auto_map, which the exporter adds with the code files);
+        `block_configs=False`: only the model-level keys, which the other schemas share."""
         cfg = {
             "architectures": ["DeciLMForCausalLM"],
             "model_type": "nemotron-nas",
@@ -208,8 +211,16 @@ class ModelPlan:
             "torch_dtype": self.torch_dtype,
             "use_cache": True,
             "vocab_size": self.vocab_size,
-            "block_configs": self.hf_block_configs(),
         }
+        if block_configs:
+            if self.attention_head_dim is not None:
+                raise PlanError(f"head_dim {self.head_dim} (not hidden_size / num_attention_heads) cannot be written "
+                                f"in a DeciLM config")
+            alien = next((l for l in self.layers if not all(sub.spec.in_decilm for sub in l.parts)), None)
+            if alien is not None:
+                raise PlanError(f"layer {alien.index} ({alien.describe()}) cannot be written in a DeciLM config; "
+                                f"export the model in its own schema")
+            cfg["block_configs"] = self.hf_block_configs()
         cfg.update(self.special_tokens)
         return cfg
 
@@ -219,9 +230,9 @@ class ModelPlan:
         if len(kinds) != 1:
             return None
         attn, kv, ffn, width = kinds.pop()
-        if attn != GQA or ffn != SWIGLU:
+        if attn != GQA or ffn != SWIGLU or self.attention_head_dim is not None:
             return None
-        cfg = {k: v for k, v in self.hf_config().items() if k not in ("block_configs",)}
+        cfg = self.hf_config(block_configs=False)
         cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv,
                    intermediate_size=width, head_dim=self.head_dim)
         return cfg
@@ -286,11 +297,16 @@ class _Parser:
         num_layers, vocab = int(self.need("num_hidden_layers")), int(self.need("vocab_size"))
         if hidden % heads:
             raise PlanError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        from .puzzletron import family_of, parse_layers, schema_of
+
+        head_dim = None
         if c.get("head_dim") is not None and int(c["head_dim"]) != hidden // heads:
-            raise PlanError(
-                f"head_dim {c['head_dim']} is inconsistent with hidden_size/num_attention_heads = "
-                f"{hidden}/{heads} = {hidden // heads}; such models are not supported"
-            )
+            if family_of(c) != "qwen3":  # megatron takes any kv_channels; our DeciLM model only hidden/heads
+                raise PlanError(
+                    f"head_dim {c['head_dim']} is inconsistent with hidden_size/num_attention_heads = "
+                    f"{hidden}/{heads} = {hidden // heads}; such models are not supported (except Qwen3)"
+                )
+            head_dim = int(c["head_dim"])
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise PlanError(f"hidden_act '{act}' is not supported: DeciLM and Llama MLPs use SiLU (SwiGLU)")
@@ -298,9 +314,7 @@ class _Parser:
             if c.get(bias):
                 raise PlanError(f"{bias}=true is not supported: DeciLM/Llama layers are bias-free")
 
-        from .puzzletron import parse_layers, schema_of
-
-        schema = schema_of(c)  # a ModelOpt Puzzletron child: its parent's config with per-layer overrides
+        schema = schema_of(c)  # a Puzzletron child (its parent's config with per-layer overrides), a Qwen3
         if schema is not None:
             layers, fmt = parse_layers(c, schema, num_layers, heads), schema
         elif "block_configs" in c and c["block_configs"] is not None:
@@ -324,6 +338,7 @@ class _Parser:
             torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
             source_format=fmt,
             special_tokens=special,
+            attention_head_dim=head_dim,
         )
 
     def parse_llama(self, num_layers: int, heads: int) -> list[LayerPlan]:

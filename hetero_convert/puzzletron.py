@@ -28,10 +28,11 @@ from .errors import PlanError
 from .kinds import Attention, FFN
 from .plan import GQA, NONE, SWIGLU, LayerPlan, ModelPlan
 
-# parent family -> (model_type, architecture)
-PARENTS = {"llama": ("llama", "LlamaForCausalLM")}
+# parent family -> (model_type, architecture, the attention kind of its layers)
+PARENTS = {"llama": ("llama", "LlamaForCausalLM", GQA), "qwen3": ("qwen3", "Qwen3ForCausalLM", "gqa_qk_norm")}
 PUZZLETRON, ANYMODEL = "puzzletron", "anymodel"
-FORMATS = (PUZZLETRON, ANYMODEL)
+# source_format of a plan: the schema, prefixed by the family unless it is Llama; "qwen3" is a plain Qwen3 model
+FORMATS = (PUZZLETRON, ANYMODEL, "qwen3-puzzletron", "qwen3-anymodel", "qwen3")
 ATTENTION_KEYS = {"no_op", "replace_with_linear", "sparsify", "weights_precision", "num_key_value_heads", "llama4",
                   "mamba"}
 FFN_KEYS = {"no_op", "replace_with_linear", "sparsify", "weights_precision", "moe", "intermediate_size",
@@ -43,7 +44,30 @@ MAX_COUNT = 10**8
 
 def family_of_format(source_format: str) -> str | None:
     """The native transformers family that runs a plan of this source format (None: our DeciLM classes)."""
+    if source_format.startswith("qwen3"):
+        return "qwen3"
     return "llama" if source_format in ("llama", PUZZLETRON, ANYMODEL) else None
+
+
+def schema_of_format(source_format: str) -> str | None:
+    """PUZZLETRON or ANYMODEL for a Puzzletron child's source format, else None."""
+    return next((s for s in (PUZZLETRON, ANYMODEL) if source_format.endswith(s)), None)
+
+
+def format_for(family: str, schema: str | None) -> str:
+    if schema is None:
+        return family
+    return schema if family == "llama" else f"{family}-{schema}"
+
+
+def check_family(cfg: dict, family: str) -> None:
+    """What a native parent's config may say that megatron-core's heterogeneous layers cannot express."""
+    if family == "qwen3":
+        if cfg.get("use_sliding_window"):
+            raise PlanError("use_sliding_window=true (Qwen3 sliding-window layers) is not supported")
+        types = cfg.get("layer_types")
+        if types is not None and (type(types) is not list or any(t != "full_attention" for t in types)):
+            raise PlanError(f"layer_types {_show(types)}: only full attention is supported")
 
 
 def _show(value: object) -> str:
@@ -53,17 +77,21 @@ def _show(value: object) -> str:
 
 def family_of(cfg: dict) -> str | None:
     """The parent family of a native (non-DeciLM) config, by model_type."""
-    return next((f for f, (model_type, _) in PARENTS.items() if cfg.get("model_type") == model_type), None)
+    return next((f for f, (model_type, _, _) in PARENTS.items() if cfg.get("model_type") == model_type), None)
 
 
 def schema_of(cfg: dict) -> str | None:
-    """PUZZLETRON, ANYMODEL, or None for anything else (DeciLM, plain Llama). A config in a Puzzletron form
-    whose parent is not supported is refused here."""
+    """The source format of a native-family config: a Puzzletron child ("puzzletron", "anymodel",
+    "qwen3-puzzletron", "qwen3-anymodel") or a plain Qwen3 ("qwen3"); None for anything else (DeciLM, plain
+    Llama). A config in a Puzzletron form whose parent is not supported is refused here."""
     if cfg.get("architectures") == ["AnyModel"] or cfg.get("per_layer_config") is not None:
         schema = ANYMODEL
     elif cfg.get("block_configs") is not None and cfg.get("model_type") not in (None, "nemotron-nas", "deci") \
             and "DeciLMForCausalLM" not in (cfg.get("architectures") or []):
         schema = PUZZLETRON  # block_configs under a native parent's config
+    elif family_of(cfg) == "qwen3" and cfg.get("block_configs") is None:
+        check_family(cfg, "qwen3")
+        return "qwen3"
     else:
         return None
     family = family_of(cfg)
@@ -73,7 +101,8 @@ def schema_of(cfg: dict) -> str | None:
     if schema == ANYMODEL and cfg.get("base_architecture") != PARENTS[family][1]:
         raise PlanError(f"AnyModel base_architecture {_show(cfg.get('base_architecture'))} does not match model_type "
                         f"'{cfg.get('model_type')}' ({PARENTS[family][1]} expected)")
-    return schema
+    check_family(cfg, family)
+    return format_for(family, schema)
 
 
 def _count(value: object, where: str) -> int:
@@ -82,16 +111,16 @@ def _count(value: object, where: str) -> int:
     return value
 
 
-def _gqa(layer: int, kv: int, heads: int) -> Attention:
+def _gqa(layer: int, kv: int, heads: int, family: str) -> Attention:
     if heads % kv:
         raise PlanError(f"layer {layer}: num_attention_heads {heads} is not divisible by {kv} KV heads")
-    return Attention(GQA, kv)
+    return Attention(PARENTS[family][2], kv)
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
 
 
-def parse_block(i: int, block: object, heads: int) -> LayerPlan:
+def parse_block(i: int, block: object, heads: int, family: str = "llama") -> LayerPlan:
     """One Puzzletron `block_configs` entry."""
     if not isinstance(block, dict):
         raise PlanError(f"layer {i}: block config is not an object: {_show(block)}")
@@ -125,14 +154,14 @@ def parse_block(i: int, block: object, heads: int) -> LayerPlan:
             parts.append(Attention(NONE) if part == "attention" else FFN(NONE))
         elif part == "attention":
             parts.append(_gqa(i, _count(d.get("num_key_value_heads"), f"layer {i}: attention.num_key_value_heads"),
-                              heads))
+                              heads, family))
         else:
             parts.append(FFN(SWIGLU, _count(d.get("intermediate_size"), f"layer {i}: ffn.intermediate_size")))
     return LayerPlan(i, parts[0], parts[1])
 
 
-def parse_per_layer(cfg: dict, num_layers: int, heads: int) -> list[LayerPlan]:
-    """The vLLM AnyModel form: the global values, overridden per layer."""
+def parse_per_layer(cfg: dict, num_layers: int, heads: int, family: str = "llama") -> list[LayerPlan]:
+    """The vLLM AnyModel form (and a plain model: no overrides): the global values, overridden per layer."""
     kv = _count(cfg.get("num_key_value_heads") or heads, "num_key_value_heads")
     width = _count(cfg.get("intermediate_size"), "intermediate_size")
     per_layer = cfg.get("per_layer_config") or {}
@@ -155,22 +184,23 @@ def parse_per_layer(cfg: dict, num_layers: int, heads: int) -> list[LayerPlan]:
         if type(skip) is not list or not set(skip) <= set(SKIPS) or len(set(skip)) != len(skip):
             raise PlanError(f"layer {i}: per_layer_config skip {_show(skip)} is not a list of 'attention'/'mlp'")
         attention = Attention(NONE) if "attention" in skip else _gqa(
-            i, _count(entry.get("num_key_value_heads", kv), f"layer {i}: num_key_value_heads"), heads)
+            i, _count(entry.get("num_key_value_heads", kv), f"layer {i}: num_key_value_heads"), heads, family)
         ffn = FFN(NONE) if "mlp" in skip else FFN(
             SWIGLU, _count(entry.get("intermediate_size", width), f"layer {i}: intermediate_size"))
         layers.append(LayerPlan(i, attention, ffn))
     return layers
 
 
-def parse_layers(cfg: dict, schema: str, num_layers: int, heads: int) -> list[LayerPlan]:
+def parse_layers(cfg: dict, source_format: str, num_layers: int, heads: int) -> list[LayerPlan]:
+    family, schema = family_of_format(source_format), schema_of_format(source_format)
     if schema == PUZZLETRON:
         blocks = cfg["block_configs"]
         if len(blocks) != num_layers:
             raise PlanError(f"block_configs has {len(blocks)} blocks but num_hidden_layers is {num_layers}")
-        return [parse_block(i, b, heads) for i, b in enumerate(blocks)]
-    layers = parse_per_layer(cfg, num_layers, heads)
+        return [parse_block(i, b, heads, family) for i, b in enumerate(blocks)]
+    layers = parse_per_layer(cfg, num_layers, heads, family)
     if cfg.get("block_configs") is not None:  # both forms: they must say the same
-        blocks = parse_layers(cfg, PUZZLETRON, num_layers, heads)
+        blocks = parse_layers(cfg, format_for(family, PUZZLETRON), num_layers, heads)
         differ = [a.index for a, b in zip(layers, blocks) if (a.attention, a.ffn) != (b.attention, b.ffn)]
         if differ:
             raise PlanError(f"per_layer_config and block_configs disagree at layer(s) {differ[:8]}")
@@ -183,17 +213,27 @@ def parse_layers(cfg: dict, schema: str, num_layers: int, heads: int) -> list[La
 def _globals(plan: ModelPlan, source: dict | None) -> tuple[int, int]:
     """The top-level num_key_value_heads and intermediate_size: the source's (a child keeps its parent's),
     else the largest of the layers'."""
-    kvs = [l.attention.num_kv_heads for l in plan.layers if l.attention.kind == GQA]
+    kvs = [l.attention.num_kv_heads for l in plan.layers if l.attention.num_kv_heads]
     widths = [l.ffn.width for l in plan.layers if l.ffn.kind == SWIGLU]
     kv = (source or {}).get("num_key_value_heads") or max(kvs, default=plan.num_attention_heads)
     width = (source or {}).get("intermediate_size") or max(widths, default=4 * plan.hidden_size)
     return int(kv), int(width)
 
 
-def expressible(plan: ModelPlan) -> list[str]:
-    """Why the plan cannot be written as a Puzzletron child (empty when it can)."""
+def plan_family(plan: ModelPlan) -> str:
+    """The native family a plan's layers belong to (a DeciLM plan without linear layers is a Llama child)."""
+    family = family_of_format(plan.source_format)
+    if family is None and any(l.attention.kind == PARENTS["qwen3"][2] for l in plan.layers):
+        return "qwen3"
+    return family or "llama"
+
+
+def expressible(plan: ModelPlan, family: str | None = None) -> list[str]:
+    """Why the plan cannot be written as a Puzzletron child of `family` (empty when it can)."""
+    attention = PARENTS[family or plan_family(plan)][2]
     return [f"layer {l.index}: {part} is {sub.kind}" for l in plan.layers
-            for part, sub in (("attention", l.attention), ("ffn", l.ffn)) if sub.kind not in (GQA, SWIGLU, NONE)]
+            for part, sub, ok in (("attention", l.attention, attention), ("ffn", l.ffn, SWIGLU))
+            if sub.kind not in (ok, NONE)]
 
 
 def block_config(layer: LayerPlan) -> dict[str, Any]:
@@ -214,9 +254,9 @@ def per_layer_config(plan: ModelPlan, kv: int, width: int) -> dict[str, dict]:
         skip = [name for name, part in SKIPS.items() if getattr(layer, part).kind == NONE]
         if skip:
             entry["skip"] = skip
-        if layer.attention.kind == GQA and layer.attention.num_kv_heads != kv:
+        if layer.attention.kind != NONE and layer.attention.num_kv_heads != kv:
             entry["num_key_value_heads"] = layer.attention.num_kv_heads
-        if layer.ffn.kind == SWIGLU and layer.ffn.width != width:
+        if layer.ffn.kind != NONE and layer.ffn.width != width:
             entry["intermediate_size"] = layer.ffn.width
         if entry:
             out[str(layer.index)] = entry
@@ -229,22 +269,31 @@ NOT_CARRIED = {"block_configs", "per_layer_config", "quantization_config", "auto
                "architectures", "base_architecture"}
 
 
-def export_config(plan: ModelPlan, schema: str, source: dict | None = None) -> dict:
-    """config.json of the child in `schema`: everything the plan determines, from the plan; the parent's
-    global KV heads and width and the keys the plan does not know (initializer_range, anymodel_arch_info, ...)
-    from the source config when it is a config of the same family."""
-    problems = expressible(plan)
+OMITTED_DEFAULTS = {"mlp_bias", "pretraining_tp", "attention_bias", "attention_dropout", "use_cache"}
+
+
+def export_config(plan: ModelPlan, source_format: str, source: dict | None = None) -> dict:
+    """config.json in `source_format` (a Puzzletron child of its family, or a plain Qwen3): everything the plan
+    determines, from the plan; the parent's global KV heads and width and the keys the plan does not know
+    (initializer_range, anymodel_arch_info, ...) from the source config when it is one of the same family."""
+    family, schema = family_of_format(source_format), schema_of_format(source_format)
+    problems = expressible(plan, family)
     if problems:
-        raise PlanError(f"the model cannot be written as a Puzzletron child ({'; '.join(problems[:5])}): use the "
-                        f"DeciLM schema")
-    family = "llama"
-    model_type, arch = PARENTS[family]
+        raise PlanError(f"the model cannot be written as a {family} Puzzletron child ({'; '.join(problems[:5])})")
+    model_type, arch, _ = PARENTS[family]
     same = source if source and family_of(source) == family else {}
     kv, width = _globals(plan, same)
     cfg = {k: v for k, v in same.items() if k not in NOT_CARRIED}
-    cfg.update({k: v for k, v in plan.hf_config().items() if k != "block_configs"})
+    # keys at their default that a family's configs leave out (Qwen3 has no mlp_bias) stay out when they were
+    cfg.update({k: v for k, v in plan.hf_config(block_configs=False).items()
+                if not (same and k in OMITTED_DEFAULTS and k not in same)})
     cfg.update(architectures=[arch], model_type=model_type, num_key_value_heads=kv, intermediate_size=width,
                head_dim=plan.head_dim)
+    if schema is None:  # a plain model: its layers must all be alike
+        if per_layer_config(plan, kv, width):
+            schema = PUZZLETRON
+        else:
+            return cfg
     if schema == PUZZLETRON:
         cfg["block_configs"] = [block_config(layer) for layer in plan.layers]
         return cfg

@@ -135,7 +135,7 @@ def export_schema(plan, schema: str | None):
     import dataclasses
 
     from ..errors import ConversionError
-    from ..puzzletron import FORMATS, expressible
+    from ..puzzletron import expressible, format_for, plan_family
 
     if schema in (None, "auto"):
         return plan
@@ -143,9 +143,15 @@ def export_schema(plan, schema: str | None):
         raise ConversionError(f"schema must be one of {list(SCHEMAS)}, got {schema!r}")
     if schema == "llama" and plan.llama_config() is None:
         raise ConversionError("the model cannot be written as a LlamaForCausalLM: its layers differ")
-    if schema in FORMATS and expressible(plan):
-        raise ConversionError(f"the model cannot be written as a Puzzletron child ({'; '.join(expressible(plan)[:5])})"
-                              f": use the DeciLM schema")
+    if schema == "decilm":
+        plan.hf_config()  # refuses what DeciLM cannot state (per-head q/k norms, another head_dim)
+        return dataclasses.replace(plan, source_format="decilm")
+    if schema in ("puzzletron", "anymodel"):
+        family = plan_family(plan)
+        if expressible(plan, family):
+            raise ConversionError(f"the model cannot be written as a Puzzletron child "
+                                  f"({'; '.join(expressible(plan, family)[:5])}): use the DeciLM schema")
+        schema = format_for(family, schema)
     return dataclasses.replace(plan, source_format=schema)
 
 
