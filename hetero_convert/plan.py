@@ -316,7 +316,8 @@ class _Parser:
 
         schema = schema_of(c)  # a Puzzletron child (its parent's config with per-layer overrides), a Qwen3
         if schema is not None:
-            layers, fmt = parse_layers(c, schema, num_layers, heads), schema
+            layers = [LayerPlan(i, a, f) for i, (a, f) in enumerate(parse_layers(c, schema, num_layers, heads))]
+            fmt = schema
         elif "block_configs" in c and c["block_configs"] is not None:
             layers, fmt = self.parse_blocks(c["block_configs"], num_layers, hidden, heads)
         elif c.get("num_key_value_heads_per_layer") is not None:

@@ -22,11 +22,16 @@ head_dim, sliding windows, activations).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
 from .kinds import Attention, FFN
-from .plan import GQA, NONE, SWIGLU, LayerPlan, ModelPlan
+
+if TYPE_CHECKING:  # annotations only: plan.py calls the parsers, which return each layer's two halves
+    from .plan import LayerPlan, ModelPlan
+
+GQA, NONE, SWIGLU = "gqa", "none", "swiglu"  # the kinds' names (kinds/)
+Layer = tuple[Attention, FFN]
 
 # parent family -> (model_type, architecture, the attention kind of its layers)
 PARENTS = {"llama": ("llama", "LlamaForCausalLM", GQA), "qwen3": ("qwen3", "Qwen3ForCausalLM", "gqa_qk_norm")}
@@ -120,7 +125,7 @@ def _gqa(layer: int, kv: int, heads: int, family: str) -> Attention:
 # ---- parsing --------------------------------------------------------------------------------------------------
 
 
-def parse_block(i: int, block: object, heads: int, family: str = "llama") -> LayerPlan:
+def parse_block(i: int, block: object, heads: int, family: str = "llama") -> Layer:
     """One Puzzletron `block_configs` entry."""
     if not isinstance(block, dict):
         raise PlanError(f"layer {i}: block config is not an object: {_show(block)}")
@@ -157,10 +162,10 @@ def parse_block(i: int, block: object, heads: int, family: str = "llama") -> Lay
                               heads, family))
         else:
             parts.append(FFN(SWIGLU, _count(d.get("intermediate_size"), f"layer {i}: ffn.intermediate_size")))
-    return LayerPlan(i, parts[0], parts[1])
+    return parts[0], parts[1]
 
 
-def parse_per_layer(cfg: dict, num_layers: int, heads: int, family: str = "llama") -> list[LayerPlan]:
+def parse_per_layer(cfg: dict, num_layers: int, heads: int, family: str = "llama") -> list[Layer]:
     """The vLLM AnyModel form (and a plain model: no overrides): the global values, overridden per layer."""
     kv = _count(cfg.get("num_key_value_heads") or heads, "num_key_value_heads")
     width = _count(cfg.get("intermediate_size"), "intermediate_size")
@@ -187,11 +192,12 @@ def parse_per_layer(cfg: dict, num_layers: int, heads: int, family: str = "llama
             i, _count(entry.get("num_key_value_heads", kv), f"layer {i}: num_key_value_heads"), heads, family)
         ffn = FFN(NONE) if "mlp" in skip else FFN(
             SWIGLU, _count(entry.get("intermediate_size", width), f"layer {i}: intermediate_size"))
-        layers.append(LayerPlan(i, attention, ffn))
+        layers.append((attention, ffn))
     return layers
 
 
-def parse_layers(cfg: dict, source_format: str, num_layers: int, heads: int) -> list[LayerPlan]:
+def parse_layers(cfg: dict, source_format: str, num_layers: int, heads: int) -> list[Layer]:
+    """(attention, FFN) of every layer of a config in `source_format` (see `schema_of`)."""
     family, schema = family_of_format(source_format), schema_of_format(source_format)
     if schema == PUZZLETRON:
         blocks = cfg["block_configs"]
@@ -201,7 +207,7 @@ def parse_layers(cfg: dict, source_format: str, num_layers: int, heads: int) -> 
     layers = parse_per_layer(cfg, num_layers, heads, family)
     if cfg.get("block_configs") is not None:  # both forms: they must say the same
         blocks = parse_layers(cfg, format_for(family, PUZZLETRON), num_layers, heads)
-        differ = [a.index for a, b in zip(layers, blocks) if (a.attention, a.ffn) != (b.attention, b.ffn)]
+        differ = [i for i, (a, b) in enumerate(zip(layers, blocks)) if a != b]
         if differ:
             raise PlanError(f"per_layer_config and block_configs disagree at layer(s) {differ[:8]}")
     return layers
@@ -210,7 +216,7 @@ def parse_layers(cfg: dict, source_format: str, num_layers: int, heads: int) -> 
 # ---- writing back ---------------------------------------------------------------------------------------------
 
 
-def _globals(plan: ModelPlan, source: dict | None) -> tuple[int, int]:
+def _globals(plan: "ModelPlan", source: dict | None) -> tuple[int, int]:
     """The top-level num_key_value_heads and intermediate_size: the source's (a child keeps its parent's),
     else the largest of the layers'."""
     kvs = [l.attention.num_kv_heads for l in plan.layers if l.attention.num_kv_heads]
@@ -220,7 +226,7 @@ def _globals(plan: ModelPlan, source: dict | None) -> tuple[int, int]:
     return int(kv), int(width)
 
 
-def plan_family(plan: ModelPlan) -> str:
+def plan_family(plan: "ModelPlan") -> str:
     """The native family a plan's layers belong to (a DeciLM plan without linear layers is a Llama child)."""
     family = family_of_format(plan.source_format)
     if family is None and any(l.attention.kind == PARENTS["qwen3"][2] for l in plan.layers):
@@ -228,7 +234,7 @@ def plan_family(plan: ModelPlan) -> str:
     return family or "llama"
 
 
-def expressible(plan: ModelPlan, family: str | None = None) -> list[str]:
+def expressible(plan: "ModelPlan", family: str | None = None) -> list[str]:
     """Why the plan cannot be written as a Puzzletron child of `family` (empty when it can)."""
     attention = PARENTS[family or plan_family(plan)][2]
     return [f"layer {l.index}: {part} is {sub.kind}" for l in plan.layers
@@ -236,7 +242,7 @@ def expressible(plan: ModelPlan, family: str | None = None) -> list[str]:
             if sub.kind not in (ok, NONE)]
 
 
-def block_config(layer: LayerPlan) -> dict[str, Any]:
+def block_config(layer: "LayerPlan") -> dict[str, Any]:
     """One entry as Puzzletron serialises it (every field, keys sorted as transformers writes them)."""
     a, f = layer.attention, layer.ffn
     attention = {"llama4": None, "mamba": None, "no_op": a.kind == NONE, "num_key_value_heads": a.num_kv_heads,
@@ -246,7 +252,7 @@ def block_config(layer: LayerPlan) -> dict[str, Any]:
     return {"attention": attention, "ffn": ffn, "parallel_blocks": None}
 
 
-def per_layer_config(plan: ModelPlan, kv: int, width: int) -> dict[str, dict]:
+def per_layer_config(plan: "ModelPlan", kv: int, width: int) -> dict[str, dict]:
     """The sparse vLLM form: only what differs from the global values, skip lists first."""
     out = {}
     for layer in plan.layers:
@@ -272,7 +278,7 @@ NOT_CARRIED = {"block_configs", "per_layer_config", "quantization_config", "auto
 OMITTED_DEFAULTS = {"mlp_bias", "pretraining_tp", "attention_bias", "attention_dropout", "use_cache"}
 
 
-def export_config(plan: ModelPlan, source_format: str, source: dict | None = None) -> dict:
+def export_config(plan: "ModelPlan", source_format: str, source: dict | None = None) -> dict:
     """config.json in `source_format` (a Puzzletron child of its family, or a plain Qwen3): everything the plan
     determines, from the plan; the parent's global KV heads and width and the keys the plan does not know
     (initializer_range, anymodel_arch_info, ...) from the source config when it is one of the same family."""
