@@ -387,3 +387,12 @@ def test_inspect_shows_the_quantization_per_layer_and_both_sizes(small, tmp_path
     out = CliRunner().invoke(app, ["inspect", str(small["NVFP4"])])
     assert out.exit_code == 0 and "quantization: modelopt 0.35.0 NVFP4 (KV cache FP8; unquantized: lm_head)" in \
         out.output and "dequantized to bfloat16" in out.output
+
+
+def test_dtype_option_casts_the_dequantized_model(small, tmp_path):
+    """The dequantized model is the one in the config's dtype (bf16); --dtype fp32 is its exact upcast, not a
+    second, finer dequantization."""
+    hf_to_megatron(small["NVFP4"], tmp_path / "meg", dtype="fp32")
+    got = DCPReader(tmp_path / "meg" / ITERATION_DIR).load("decoder.layers.0.mlp.linear_fc2.weight")
+    want = reference_dequantized(small["NVFP4"])["model.layers.0.mlp.down_proj.weight"]
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
