@@ -17,12 +17,11 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from hetero_convert.fixtures import write_random_checkpoint
-from hetero_convert.fixtures_modelopt import write_modelopt_checkpoint
 from hetero_convert.mappings import bind
 from hetero_convert.plan import load_plan
 
@@ -51,14 +50,35 @@ def main() -> None:
         largest = max(2 * m.numel for m in bind(plan, tp=args.tp))
         bound = 512 * 2**20 + 2 * largest
         sources = {}
-        for name, make in (("bf16", lambda out: write_random_checkpoint(cfg, out, max_shard_bytes=2 * 10**9)),
-                           ("FP8", lambda out: write_modelopt_checkpoint(cfg, out, "FP8", max_shard_bytes=2 * 10**9)),
-                           ("NVFP4", lambda out: write_modelopt_checkpoint(cfg, out, "NVFP4", kv_cache=None,
-                                                                          max_shard_bytes=2 * 10**9))):
+        root.mkdir(parents=True)
+        (root / "config.json").write_text(json.dumps(cfg))
+        for name, call in (("bf16", "write_random_checkpoint(cfg, out, max_shard_bytes=2 * 10**9)"),
+                           ("FP8", "write_modelopt_checkpoint(cfg, out, 'FP8', max_shard_bytes=2 * 10**9)"),
+                           ("NVFP4", "write_modelopt_checkpoint(cfg, out, 'NVFP4', kv_cache=None, "
+                                     "max_shard_bytes=2 * 10**9)")):
+            # In a process of its own: a child forked from a large parent would report the parent's RSS as
+            # its peak (Linux keeps the high-water mark across exec).
             t = time.perf_counter()
-            sources[name] = make(root / name)
+            code = (f"import json; from hetero_convert.fixtures import write_random_checkpoint; "
+                    f"from hetero_convert.fixtures_modelopt import write_modelopt_checkpoint; "
+                    f"cfg = json.load(open({str(root / 'config.json')!r})); out = {str(root / name)!r}; {call}")
+            subprocess.run([sys.executable, "-c", code], check=True)
+            sources[name] = root / name
             print(f"# {name}: {bench.dir_bytes(sources[name]) / 1e9:.2f} GB written in {time.perf_counter() - t:.0f}s "
                   f"(hidden {plan.hidden_size}, {plan.num_layers} layers)", flush=True)
+        for name, src in sources.items():
+            # The reader alone, page cache warm, one thread: what dequantizing costs per byte produced.
+            code = (f"import time, torch; torch.set_num_threads(1); from hetero_convert.io.quantized import "
+                    f"open_checkpoint; c = open_checkpoint({str(src)!r}); t = time.perf_counter(); "
+                    f"n = sum(c.read(k).numel() * 2 for k in c.tensors); print(n / (time.perf_counter() - t) / 1e9)")
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # warm the page cache
+            gbs = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                       text=True).stdout)
+            row = {"size_GB": gb, "source": name, "step": "read (warm cache, 1 thread)", "GB_per_s": round(gbs, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if sink:
+                sink.write(json.dumps(row) + "\n")
         for workers in [int(w) for w in args.workers.split(",")]:
             for name, src in sources.items():
                 out = root / f"meg-{name}"
@@ -80,8 +100,15 @@ def main() -> None:
     print(f"\n{'size':>5} {'source':>6} {'workers':>7} {'read GB':>8} {'written GB':>10} {'s':>7} {'GB/s out':>8} "
           f"{'RSS MiB':>8} {'bound':>6}")
     for r in rows:
+        if "step" in r:
+            continue
         print(f"{r['size_GB']:>5g} {r['source']:>6} {r['workers']:>7} {r['read_GB']:>8.2f} {r['written_GB']:>10.2f} "
               f"{r['seconds']:>7.1f} {r['written_GB_per_s']:>8.2f} {r['peak_rss_MiB']:>8} {r['bound_MiB']:>6}")
+
+    for r in rows:
+        if "step" in r:
+            print(f"{r['size_GB']:>5g} {r['source']:>6} reader alone ({r['step']}): {r['GB_per_s']:.2f} GB/s of "
+                  f"dequantized tensors")
 
 
 if __name__ == "__main__":
