@@ -98,6 +98,8 @@ def test_fp8_is_modelopts_bf16_product_not_the_fp32_one():
 def test_nvfp4_layout_table_and_scales():
     # element 2j in the low nibble; code 8 decodes to +0 (sign bit clear), as in ModelOpt's table
     assert unpack_e2m1(torch.tensor([[0x21, 0x8F]], dtype=torch.uint8)).tolist() == [[0.5, 1.0, -6.0, 0.0]]
+    assert unpack_e2m1(torch.tensor([[0x21, 0x8F, 0x03]], dtype=torch.uint8)).tolist() == [[0.5, 1.0, -6.0, 0.0, 1.5,
+                                                                                          0.0]]  # odd byte count
     assert torch.signbit(unpack_e2m1(torch.tensor([[0x88]], dtype=torch.uint8))).sum() == 0
     assert [e2m1_value(c) for c in range(16)] == unpack_e2m1(torch.tensor([[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC,
                                                                             0xFE]], dtype=torch.uint8)).tolist()[0]

