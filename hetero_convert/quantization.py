@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -79,9 +80,16 @@ class QuantScheme:
     def input_scales(self) -> bool:
         return SUPPORTED[self.quant_algo][1]
 
+    @cached_property
+    def _matchers(self) -> tuple[frozenset, tuple[str, ...]]:
+        """Plain names in a set, wildcard patterns apart: an unsummarised list of thousands stays cheap."""
+        wild = tuple(p for p in self.exclude_modules if any(c in p for c in "*?["))
+        return frozenset(self.exclude_modules) - set(wild), wild
+
     def excluded(self, module: str) -> bool:
         """Whether the module (a name without ".weight") was left unquantized."""
-        return any(module == p or fnmatch.fnmatchcase(module, p) for p in self.exclude_modules)
+        names, patterns = self._matchers
+        return module in names or any(module == p or fnmatch.fnmatchcase(module, p) for p in patterns)
 
     def as_dict(self) -> dict:
         return {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo,

@@ -398,3 +398,14 @@ def test_dtype_option_casts_the_dequantized_model(small, tmp_path):
     got = DCPReader(tmp_path / "meg" / ITERATION_DIR).load("decoder.layers.0.mlp.linear_fc2.weight")
     want = reference_dequantized(small["NVFP4"])["model.layers.0.mlp.down_proj.weight"]
     assert got.dtype == torch.float32 and torch.equal(got, want.float())
+
+
+def test_prune_reads_a_quantized_parent_dequantized(small):
+    """prune's parent model reads through the same source: its layer tensors are the dequantized weights."""
+    from hetero_convert.prune.parent import ParentModel
+
+    parent = ParentModel(small["FP8"])
+    expected = reference_dequantized(small["FP8"])
+    got = parent.layer_tensors(0)
+    assert sorted(got) == sorted(k[len("model.layers.0."):] for k in expected if k.startswith("model.layers.0."))
+    assert all(torch.equal(t, expected[f"model.layers.0.{k}"]) for k, t in got.items())
