@@ -288,7 +288,7 @@ def test_fp8_codes_without_a_quantization_config_are_refused(small, tmp_path):
 
 @pytest.mark.parametrize("algo,key,value,message", [
     ("FP8", f"{L0}.mlp.gate_proj.weight", 0x7F, "dequantize to NaN/Inf (NaN codes"),
-    ("NVFP4", f"{L0}.mlp.up_proj.weight_scale", 0x00, "block scales must be positive"),
+    ("NVFP4", f"{L0}.mlp.up_proj.weight_scale", 0x00, "block scales must be finite and positive"),
 ])
 def test_bad_codes_fail_the_conversion_naming_the_tensor(small, tmp_path, algo, key, value, message):
     """Codes are checked as they are dequantized (a header-time check would read every weight twice): the

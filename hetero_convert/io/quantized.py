@@ -131,7 +131,7 @@ class QuantizedWeight:
     shape: tuple[int, int]  # [out, in] of the dequantized weight
     weight: TensorInfo
     scale: TensorInfo
-    scale_value: torch.Tensor | None  # per-tensor FP8 scale, as the table of its 256 dequantized codes
+    table: torch.Tensor | None  # per-tensor FP8: the 256 codes dequantized with this weight's scale
     global_scale: torch.Tensor | None  # NVFP4 weight_scale_2
     consumed: tuple[str, ...]  # every stored tensor this weight accounts for
 
@@ -226,7 +226,7 @@ class QuantizedCheckpoint:
         if problems:
             return problems
         out, cols = w.shape
-        scale, scale_value, global_scale = quant["weight_scale"], None, None
+        scale, table, global_scale = quant["weight_scale"], None, None
         if fmt == "nvfp4":
             shape = (out, 2 * cols)
             if shape[1] % NVFP4_GROUP:
@@ -243,10 +243,9 @@ class QuantizedCheckpoint:
         else:
             shape = (out, cols)
             if fmt == "fp8":
-                scale_value, more = self._scalar(scale)
+                value, more = self._scalar(scale)
                 problems += more
-                if scale_value is not None:
-                    scale_value = fp8_table(scale_value, self.dtype)
+                table = fp8_table(value, self.dtype) if value is not None else None
             elif scale.dtype != torch.float32 or scale.shape not in ((out,), (out, 1)):
                 problems.append(f"{quoted(scale.name)} is {scale.dtype} {list(scale.shape)}; per-channel FP8 "
                                 f"scales are F32 [{out}]")
@@ -255,7 +254,7 @@ class QuantizedCheckpoint:
         if problems:
             return problems
         consumed = (name,) + tuple(p.name for p in parts.values())
-        self.quantized[name] = QuantizedWeight(name, fmt, shape, w, scale, scale_value, global_scale, consumed)
+        self.quantized[name] = QuantizedWeight(name, fmt, shape, w, scale, table, global_scale, consumed)
         stored = w.nbytes + sum(p.nbytes for p in parts.values())
         self.tensors[name] = TensorInfo(name, w.file, self.dtype, shape, stored, w.offset)
         return problems
@@ -304,8 +303,8 @@ class QuantizedCheckpoint:
                                None if full else slice(b0 // NVFP4_GROUP, b1 // NVFP4_GROUP))
             if block_scale.numel() and not float(block_scale.to(torch.float32).min()) > 0:
                 row = rows.start + _first_row(~(block_scale.to(torch.float32) > 0))
-                raise CheckpointError(f"{quoted(q.scale.name)} row {row}: block scales must be positive (ModelOpt "
-                                      f"writes 2^-9..448)")
+                raise CheckpointError(f"{quoted(q.scale.name)} row {row}: block scales must be finite and positive "
+                                      f"(ModelOpt writes 2^-9..448)")
             w = _nvfp4_products(packed, block_scale, q.global_scale)
             out.copy_(w if full else w[:, c0 - b0:c1 - b0])  # the one cast to the model's dtype
             return
@@ -313,7 +312,7 @@ class QuantizedCheckpoint:
         self.raw.read_into(codes, q.weight.name, rows.start, None if full else slice(c0, c1))
         if q.fmt == "fp8":
             index = codes.view(torch.uint8).reshape(-1).to(torch.int32)
-            torch.index_select(q.scale_value, 0, index, out=out.view(-1))
+            torch.index_select(q.table, 0, index, out=out.view(-1))
             return
         scale = self.raw.read(q.scale.name, rows=rows).reshape(n, 1)
         bad = ~(torch.isfinite(scale) & (scale > 0))
