@@ -77,14 +77,16 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
                    dtype: "torch.dtype | None" = None, tokenizer_from: str | Path | None = None, workers: int = 1,
                    overwrite: bool = False, strict: bool = False, progress: ProgressCallback | None = None,
-                   distributed: bool | None = None) -> "Summary":
+                   distributed: bool | None = None, schema: str = "auto") -> "Summary":
     """A Megatron torch_dist checkpoint (ours, or a training run's, saved at any TP/PP) -> a HF checkpoint:
-    sharded safetensors, config.json (DeciLM with regenerated block_configs and remote code, or Llama for a
-    Llama), and the tokenizer from `tokenizer_from`. Options as for `hf_to_megatron`."""
+    sharded safetensors, config.json (DeciLM with regenerated block_configs and remote code, Llama for a
+    Llama, a Puzzletron child in its own schema; `schema` picks another), and the tokenizer from
+    `tokenizer_from`. Options as for `hf_to_megatron`."""
     from .convert import megatron_to_hf as _run
 
     return _run(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype, tokenizer_from=tokenizer_from,
-                workers=workers, overwrite=overwrite, strict=strict, progress=progress, distributed=distributed)
+                workers=workers, overwrite=overwrite, strict=strict, progress=progress, distributed=distributed,
+                schema=schema)
 
 
 def plan_conversion(path: str | Path, processes: int, *, tp: int = 1, pp: int = 1,

@@ -40,7 +40,7 @@ def describe_model(plan: ModelPlan, tp: int = 1, pp: int = 1, source: str = "") 
         "non_embedding_parameters": plan.num_parameters(include_embeddings=False),
         "kv_cache_bytes_per_token_bf16": plan.kv_cache_bytes_per_token(2),
         "counts": {
-            "gqa_attention": kinds["attention gqa"],
+            "gqa_attention": kinds["attention gqa"] + kinds.get("attention gqa_qk_norm", 0),
             "linear_attention": kinds["attention linear"],
             "no_attention": kinds["attention none"],
             "swiglu_ffn": kinds["ffn swiglu"],
@@ -77,4 +77,25 @@ def load_model_plan(path: str | Path) -> ModelPlan:
 
 
 def describe_path(path: str | Path, tp: int = 1, pp: int = 1) -> dict:
-    return describe_model(load_model_plan(path), tp, pp, str(path))
+    plan = load_model_plan(path)
+    d = describe_model(plan, tp, pp, str(path))
+    scheme = quantization_of(path)
+    if scheme is not None:  # a ModelOpt FP8/NVFP4 checkpoint: its format per layer, stored and dequantized sizes
+        from .quantization import describe_quantization
+
+        d["quantization"] = q = describe_quantization(plan, scheme)
+        for row, layer in zip(d["layers"], q["layers"]):
+            row["weights"] = layer["weights"]
+    return d
+
+
+def quantization_of(path: str | Path):
+    """The ModelOpt quantization a HF checkpoint directory (or its config.json) declares, else None."""
+    from .plan import config_path, load_config
+    from .quantization import read_quantization
+
+    p = Path(path)
+    cfg = config_path(p)
+    if not cfg.is_file():
+        return None  # a Megatron checkpoint: always unquantized
+    return read_quantization(load_config(cfg), cfg.parent)

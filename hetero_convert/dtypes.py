@@ -2,7 +2,8 @@
 
   short  "fp32" | "bf16" | "fp16"             options of the CLI and the worker (`--dtype`)
   config "float32" | "bfloat16" | "float16"   config.json's torch_dtype / dtype, the description's "dtype"
-  safetensors "F32" | "BF16" | ...            header dtypes (integers too: checkpoints may carry them)
+  safetensors "F32" | "BF16" | ...            header dtypes (integers too: checkpoints may carry them; F8_E4M3
+                                              and U8 are the stored forms of quantized weights)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SAFETENSORS = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # ModelOpt FP8 weights and NVFP4 block scales (io/quantized.py)
 }
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS.items()}
 SHORT_NAMES = {v: k for k, v in SHORT.items()}

@@ -101,10 +101,13 @@ class ModelPlan:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
-    # Where the plan came from: "decilm", "decilm-newer", "decilm-7b", "llama".
+    # Where the plan came from: "decilm", "decilm-newer", "decilm-7b", "llama", and the Puzzletron forms
+    # "puzzletron" (block_configs in a Llama config) and "anymodel" (vLLM's per_layer_config).
     source_format: str = "decilm"
     # Every *_token_id of the source config (bos, eos, pad, unk, ...), carried to exported configs untouched.
     special_tokens: dict = field(default_factory=dict)
+    # A head size other than hidden / heads (Qwen3 states one; megatron-core takes it as kv_channels).
+    attention_head_dim: int | None = None
 
     # ---- dimensions --------------------------------------------------------------------------------
     @property
@@ -113,7 +116,7 @@ class ModelPlan:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def rope_factor(self) -> float | None:
@@ -184,8 +187,9 @@ class ModelPlan:
         return [{"attention": MEGATRON_DEFAULTS[ATTENTION] | l.attention.spec.megatron_fields(l.attention),
                  "mlp": MEGATRON_DEFAULTS[FFN_PART] | l.ffn.spec.megatron_fields(l.ffn)} for l in self.layers]
 
-    def hf_config(self) -> dict:
-        """A complete DeciLM config.json (without auto_map, which the exporter adds with the code files)."""
+    def hf_config(self, block_configs: bool = True) -> dict:
+        """A complete DeciLM config.json (without auto_map, which the exporter adds with the code files);
+        `block_configs=False`: only the model-level keys, which the other schemas share."""
         cfg = {
             "architectures": ["DeciLMForCausalLM"],
             "model_type": "nemotron-nas",
@@ -207,10 +211,27 @@ class ModelPlan:
             "torch_dtype": self.torch_dtype,
             "use_cache": True,
             "vocab_size": self.vocab_size,
-            "block_configs": self.hf_block_configs(),
         }
+        if block_configs:
+            if self.attention_head_dim is not None:
+                raise PlanError(f"head_dim {self.head_dim} (not hidden_size / num_attention_heads) cannot be written "
+                                f"in a DeciLM config")
+            alien = next((l for l in self.layers if not all(sub.spec.in_decilm for sub in l.parts)), None)
+            if alien is not None:
+                raise PlanError(f"layer {alien.index} ({alien.describe()}) cannot be written in a DeciLM config; "
+                                f"export the model in its own schema")
+            cfg["block_configs"] = self.hf_block_configs()
         cfg.update(self.special_tokens)
         return cfg
+
+    def config_form(self, source: dict | None = None) -> dict:
+        """config.json in the plan's own source format: a Llama as a Llama, a Puzzletron child or Qwen3 in its
+        schema (keys the plan does not know taken from `source`), everything else as DeciLM (no auto_map)."""
+        from .puzzletron import FORMATS, export_config
+
+        if self.source_format in FORMATS:
+            return export_config(self, self.source_format, source)
+        return (self.llama_config() if self.source_format == "llama" else None) or self.hf_config()
 
     def llama_config(self) -> dict | None:
         """A LlamaForCausalLM config.json when every layer is the same GQA + SwiGLU layer, else None."""
@@ -218,9 +239,9 @@ class ModelPlan:
         if len(kinds) != 1:
             return None
         attn, kv, ffn, width = kinds.pop()
-        if attn != GQA or ffn != SWIGLU:
+        if attn != GQA or ffn != SWIGLU or self.attention_head_dim is not None:
             return None
-        cfg = {k: v for k, v in self.hf_config().items() if k not in ("block_configs",)}
+        cfg = self.hf_config(block_configs=False)
         cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=kv,
                    intermediate_size=width, head_dim=self.head_dim)
         return cfg
@@ -261,6 +282,8 @@ def load_plan(source: str | Path | dict) -> ModelPlan:
         `ffn_mult`; model_type "nemotron-nas" or "deci"), and partial subblock dicts relying on defaults;
       - the newer schema stating `num_key_value_heads` / `intermediate_size` per block;
       - Deci/DeciLM-7B: `num_key_value_heads_per_layer` with a global `intermediate_size`;
+      - ModelOpt Puzzletron children of Llama: `block_configs` in the parent's config, or vLLM AnyModel's
+        `per_layer_config` (puzzletron.py);
       - plain LlamaForCausalLM configs.
     """
     cfg = source if isinstance(source, dict) else load_config(source)
@@ -283,11 +306,16 @@ class _Parser:
         num_layers, vocab = int(self.need("num_hidden_layers")), int(self.need("vocab_size"))
         if hidden % heads:
             raise PlanError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        from .puzzletron import family_of, parse_layers, schema_of
+
+        head_dim = None
         if c.get("head_dim") is not None and int(c["head_dim"]) != hidden // heads:
-            raise PlanError(
-                f"head_dim {c['head_dim']} is inconsistent with hidden_size/num_attention_heads = "
-                f"{hidden}/{heads} = {hidden // heads}; such models are not supported"
-            )
+            if family_of(c) != "qwen3":  # megatron takes any kv_channels; our DeciLM model only hidden/heads
+                raise PlanError(
+                    f"head_dim {c['head_dim']} is inconsistent with hidden_size/num_attention_heads = "
+                    f"{hidden}/{heads} = {hidden // heads}; such models are not supported (except Qwen3)"
+                )
+            head_dim = int(c["head_dim"])
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise PlanError(f"hidden_act '{act}' is not supported: DeciLM and Llama MLPs use SiLU (SwiGLU)")
@@ -295,7 +323,11 @@ class _Parser:
             if c.get(bias):
                 raise PlanError(f"{bias}=true is not supported: DeciLM/Llama layers are bias-free")
 
-        if "block_configs" in c and c["block_configs"] is not None:
+        schema = schema_of(c)  # a Puzzletron child (its parent's config with per-layer overrides), a Qwen3
+        if schema is not None:
+            layers = [LayerPlan(i, a, f) for i, (a, f) in enumerate(parse_layers(c, schema, num_layers, heads))]
+            fmt = schema
+        elif "block_configs" in c and c["block_configs"] is not None:
             layers, fmt = self.parse_blocks(c["block_configs"], num_layers, hidden, heads)
         elif c.get("num_key_value_heads_per_layer") is not None:
             layers, fmt = self.parse_decilm_7b(num_layers, heads), "decilm-7b"
@@ -316,6 +348,7 @@ class _Parser:
             torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
             source_format=fmt,
             special_tokens=special,
+            attention_head_dim=head_dim,
         )
 
     def parse_llama(self, num_layers: int, heads: int) -> list[LayerPlan]:

@@ -33,8 +33,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .io.hf_index import CheckpointError
-from .io.hf_reader import HFCheckpoint
+from .io.quantized import open_checkpoint
 from .plan import load_plan
+from .puzzletron import family_of_format
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Tensors a checkpoint may carry that no module reads (stale RoPE buffers of old checkpoints).
@@ -73,18 +74,18 @@ class LayerStreamedReference:
     def __init__(self, hf_dir: str | Path, device: str | torch.device = "cpu"):
         self.dir = Path(hf_dir)
         self.plan = load_plan(self.dir)
-        self.ckpt = HFCheckpoint(self.dir)
+        self.ckpt = open_checkpoint(self.dir)  # ModelOpt FP8/NVFP4: the weights dequantized, as converted
         self.device = torch.device(device)
-        self.llama = self.plan.source_format == "llama"
+        # transformers' own layers for a native architecture (a Llama, or a Puzzletron child of one)
+        self.family = family_of_format(self.plan.source_format)
+        self.llama = self.family is not None
         self.config = self._hf_config()
         self._stream = _Stream()
         self._read: set[str] = set()
 
     def _hf_config(self):
         if self.llama:
-            from transformers import LlamaConfig
-
-            cfg = LlamaConfig.from_pretrained(str(self.dir))
+            cfg = _native(self.family).config.from_pretrained(str(self.dir))
         elif self.plan.source_format == "decilm-7b":
             # Our DeciLM config reads block_configs; the plan states the same layers in that form.
             from .hf.configuration_decilm import DeciLMConfig
@@ -127,10 +128,9 @@ class LayerStreamedReference:
         return module.eval()
 
     def _layer(self, i: int) -> nn.Module:
-        if self.llama:
-            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-            return self._module(lambda: LlamaDecoderLayer(self.config, i), f"model.layers.{i}.")
+        if self.llama:  # this layer's own KV heads and width; removed parts as Puzzletron's runtime has them
+            return self._module(lambda: _native_layer(self.config, i, self.plan.layers[i], self.family),
+                                f"model.layers.{i}.")
         from .hf.modeling_decilm import DeciLMDecoderLayer
 
         return self._module(lambda: DeciLMDecoderLayer(self.config, i, None), f"model.layers.{i}.")
@@ -138,9 +138,7 @@ class LayerStreamedReference:
     def _norm(self) -> nn.Module:
         h, eps = self.plan.hidden_size, self.plan.rms_norm_eps
         if self.llama:
-            from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-            return self._module(lambda: LlamaRMSNorm(h, eps=eps), "model.norm.")
+            return self._module(lambda: _native(self.family).norm(h, eps=eps), "model.norm.")
         from .hf.modeling_decilm import DeciLMRMSNorm
 
         return self._module(lambda: DeciLMRMSNorm(h, eps=eps), "model.norm.")
@@ -152,9 +150,7 @@ class LayerStreamedReference:
     def _positional(self, probe: torch.Tensor, positions: torch.Tensor):
         """(cos, sin) in the probe's dtype, from the model's own rotary embedding."""
         if self.llama:
-            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-            rotary = LlamaRotaryEmbedding(config=self.config).to(self.device)
+            rotary = _native(self.family).rotary(config=self.config).to(self.device)
         else:
             from .hf.modeling_decilm import DeciLMRotaryEmbedding
 
@@ -226,6 +222,18 @@ class LayerStreamedReference:
                         and not (k == "lm_head.weight" and self.plan.tie_word_embeddings))
         if unread:
             raise CheckpointError(f"{self.dir}: {len(unread)} tensor(s) belong to no module of the model: {unread[:5]}")
+
+
+def _native(family: str):
+    from .hf.native import native_classes
+
+    return native_classes(family)
+
+
+def _native_layer(config, i: int, layer, family: str) -> nn.Module:
+    from .hf.native import native_layer
+
+    return native_layer(config, i, layer, family)
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:

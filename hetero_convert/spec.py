@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from .layout import PipelineSplit, padded_vocab_size, require_layout
+from .errors import PlanError
 from .plan import GQA, SWIGLU, ModelPlan
+
+GQA_QK_NORM = "gqa_qk_norm"
 
 
 
@@ -45,7 +48,7 @@ def megatron_config(
     # A caller that passes `split` has already checked the layout (spec_table); otherwise check it here.
     split = split or require_layout(plan, tp, pp).split
     # Global defaults for fields megatron requires; every layer overrides them from its own block config.
-    first_gqa = next((l.attention.num_kv_heads for l in plan.layers if l.attention.kind == GQA),
+    first_gqa = next((l.attention.num_kv_heads for l in plan.layers if l.attention.num_kv_heads),
                      plan.num_attention_heads)
     first_width = next((l.ffn.width for l in plan.layers if l.ffn.kind == SWIGLU), 4 * plan.hidden_size)
     kwargs = dict(
@@ -72,6 +75,7 @@ def megatron_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": plan.megatron_block_configs()}),
+        qk_layernorm=qk_layernorm(plan),
     )
     if cpu:
         # No fused CUDA kernels on CPU, and weights must be created in host memory.
@@ -86,6 +90,16 @@ def megatron_config(
         )
     kwargs.update(overrides)
     return HeterogeneousTransformerConfig(**kwargs)
+
+
+def qk_layernorm(plan: ModelPlan) -> bool:
+    """megatron-core's `qk_layernorm`, which holds for every softmax-attention layer or none: per-head q/k
+    RMSNorm (Qwen3) in all of them, or in none."""
+    has = {l.attention.kind == GQA_QK_NORM for l in plan.layers if l.attention.kind in (GQA, GQA_QK_NORM)}
+    if len(has) > 1:
+        raise PlanError("some attention layers have per-head q/k RMSNorm and others do not: megatron-core's "
+                        "qk_layernorm is one setting for every layer")
+    return has == {True}
 
 
 def layer_specs(config, use_te: bool | None = None, pp_rank: int | None = None):

@@ -11,13 +11,15 @@ import torch
 
 from hetero_convert.convert import hf_to_megatron
 from hetero_convert.fixtures import write_random_checkpoint
-from hetero_convert.io.hf_reader import HFCheckpoint
+from hetero_convert.fixtures_modelopt import write_modelopt_checkpoint
+from hetero_convert.io.quantized import open_checkpoint
 from hetero_convert.launch import run_under_torchrun
 from hetero_convert.mappings import expected_hf_keys
 from hetero_convert.plan import load_plan
 
 TESTS = str(Path(__file__).resolve().parent)
-FIXTURES = ["tiny-every-kind", "tiny-tied"]  # every layer kind; tied embeddings (a copy on the last stage)
+# every layer kind; tied embeddings (a copy on the last stage); a ModelOpt NVFP4 export (read dequantized)
+FIXTURES = ["tiny-every-kind", "tiny-tied", "nvfp4"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
     cases = {}
     for name in FIXTURES:
-        hf = write_random_checkpoint(name, root / name / "hf", seed=7, max_shard_bytes=300_000)
+        hf = write_modelopt_checkpoint("tiny-every-kind", root / name / "hf", "NVFP4", seed=7) if name == "nvfp4" \
+            else write_random_checkpoint(name, root / name / "hf", seed=7, max_shard_bytes=300_000)
         hf_to_megatron(hf, root / name / "meg", tp=2, pp=2)
         (root / name / "plan.json").write_text(json.dumps(load_plan(hf).to_json()))
         cases[name] = {"plan": str(root / name / "plan.json"), "megatron": str(root / name / "meg" / "release"), "hf": str(hf)}
@@ -40,7 +43,7 @@ def test_export_equals_the_hf_checkpoint(run, name):
     tensor bit for bit, in model order, with nothing extra (vocab padding stripped)."""
     root, cases = run
     exported = torch.load(root / f"{name}_exported.pt", weights_only=True)
-    src = HFCheckpoint(cases[name]["hf"])
+    src = open_checkpoint(cases[name]["hf"])
     assert list(exported) == list(expected_hf_keys(load_plan(cases[name]["hf"])))
     for key, t in exported.items():
         ref = src.read(key)

@@ -151,13 +151,13 @@ def hf_to_megatron_cmd(
         names = []  # reported, with the rest of the checks, by the converter
     hashes = FileHashes(hf_dir / n for n in names)
     from ..convert import hf_to_megatron
-    from ..io.hf_reader import HFCheckpoint
+    from ..io.quantized import open_checkpoint
     from .process import settle_process_for_streaming
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
     try:
-        total = HFCheckpoint(hf_dir).total_bytes()
+        total = open_checkpoint(hf_dir).total_bytes()  # a quantized checkpoint: its dequantized size
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
         with Progress(total, "hf-to-megatron", not as_json and env.size == 1) as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
@@ -182,6 +182,8 @@ def megatron_to_hf_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+    schema: str = typer.Option("auto", "--schema", metavar="auto|decilm|llama|puzzletron|anymodel",
+                               help="config.json schema to write (auto: the one the model came in)"),
 ):
     """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF checkpoint, streaming."""
     from ..convert import megatron_to_hf
@@ -194,7 +196,7 @@ def megatron_to_hf_cmd(
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
-                               progress=prog, distributed=distributed)
+                               progress=prog, distributed=distributed, schema=schema)
     except (HeteroConvertError, FileNotFoundError) as e:
         fail_job(e)
     if env.coordinator:

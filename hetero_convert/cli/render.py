@@ -31,12 +31,20 @@ def human_bytes(n: float) -> str:
 
 def print_inspect(d: dict, path) -> None:
     t = Table(title=f"{path}  ({d['source_format']}, {d['num_layers']} layers)")
-    for col in ("layer", "attention", "KV heads", "FFN", "width", "params", "stage"):
+    quant = d.get("quantization")
+    for col in ("layer", "attention", "KV heads", "FFN", "width", "params", "stage") + (("weights",) if quant else ()):
         t.add_column(col, justify="right" if col in ("layer", "KV heads", "width", "params", "stage") else "left")
     for l in d["layers"]:
         t.add_row(str(l["layer"]), l["attention"], str(l["kv_heads"] or "-"), l["ffn"], str(l["ffn_width"] or "-"),
-                  human(l["parameters"]), str(l["stage"]) if l["stage"] is not None else "-")
+                  human(l["parameters"]), str(l["stage"]) if l["stage"] is not None else "-",
+                  *((l["weights"],) if quant else ()))
     console.print(t)
+    if quant:
+        kv = f"KV cache {quant['kv_cache_quant_algo']}" if quant["kv_cache_quant_algo"] else "KV cache unquantized"
+        console.print(f"quantization: {quant['producer']} {quant['quant_algo']} ({kv}; unquantized: "
+                      f"{', '.join(quant['exclude_modules']) or 'nothing'}): stored {human_bytes(quant['stored_bytes'])}"
+                      f", dequantized to {quant['dequantized_dtype']} {human_bytes(quant['dequantized_bytes'])}",
+                      highlight=False)
     c = d["counts"]
     console.print(
         f"parameters: [bold]{human(d['parameters'])}[/] ({d['parameters']:,}); non-embedding "

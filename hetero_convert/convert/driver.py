@@ -200,10 +200,11 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = "5GB", dtype="keep",
                    tokenizer_from: str | Path | None = None, workers: int = 1, overwrite: bool = False,
                    strict: bool = False, progress: Callable[[int], None] | None = None,
-                   distributed: bool | None = None) -> Summary:
+                   distributed: bool | None = None, schema: str | None = None) -> Summary:
     """Megatron torch_dist checkpoint (saved at any TP/PP, ours or a training run's) -> HF checkpoint, streaming;
     every process of a job returns the same Summary. Options as for `hf_to_megatron`; `progress` may also have
-    `set_total(nbytes)`, called once the checkpoint has been read."""
+    `set_total(nbytes)`, called once the checkpoint has been read. `schema`: the config.json written, "auto"
+    (None: the source's own), "decilm", "llama", "puzzletron" or "anymodel"."""
     t0 = time.time()
     out_dir = Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=HF,
@@ -212,7 +213,7 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
 
         def setup():
             nonlocal job, mine
-            job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from)
+            job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from, schema)
             read, write = hf_shard_costs(job.shards, job.stored_bytes, lambda m: job.dtype_of(m).itemsize)
             mine = balance([r + w for r, w in zip(read, write)], comm.world)[comm.rank]
             return str(stage.begin()) if comm.rank == 0 else None

@@ -20,9 +20,9 @@ import torch
 from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader
-from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, has_tokenizer, plan_shards, \
-    write_config, write_generation_config
 from ..io.description import padding_problem, tensor_problems
+from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, export_schema, has_tokenizer, \
+    plan_shards, write_config, write_generation_config
 from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
     read_description, read_plan
 from ..mappings import TensorMapping, bind
@@ -82,11 +82,11 @@ class ToHFJob:
     direction = "megatron-to-hf"
 
     def __init__(self, megatron_dir, out_dir, max_shard_size, dtype, strict: bool,
-                 progress: Callable[[int], None] | None, tokenizer_from=None):
+                 progress: Callable[[int], None] | None, tokenizer_from=None, schema: str | None = None):
         self.strict, self.progress = strict, progress
         self.want = dtypes.parse(dtype, keep=True)
         self.it_dir = iteration_dir(megatron_dir)
-        self.plan = read_plan(self.it_dir)
+        self.plan = export_schema(read_plan(self.it_dir), schema)  # the config schema written (auto: the source's)
         self.reader = DCPReader(self.it_dir)
         self.maps = bind(self.plan)
         self.description = read_description(self.it_dir) or {}

@@ -20,6 +20,7 @@ from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import bytes_item, extra_state_payload, tensor_item
 from ..io.hf_reader import HFCheckpoint
+from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
 from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, HF_FILES_DIR, ITERATION_DIR, \
     write_description, write_megatron_files
@@ -103,7 +104,7 @@ class ToMegatronJob:
         self.config = load_config(hf_dir)
         self.plan = load_plan(self.config)
         require_layout(self.plan, tp, pp)
-        self.ckpt = HFCheckpoint(hf_dir)
+        self.ckpt = open_checkpoint(hf_dir, self.config)  # a ModelOpt FP8/NVFP4 checkpoint reads dequantized
         self.maps = bind(self.plan, tp, pp)
         check_hf_sources(self.ckpt, self.maps)
         self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
@@ -158,7 +159,8 @@ class ToMegatronJob:
             "padded_vocab_size": self.maps[0].shape[0],
             "dtype": dtypes.config_name(self.want or sorted(set(self.src_dtype.values()), key=str)[0]),
             "source": {"source_dir": str(self.hf_dir), "source_config": self.config,
-                       "source_format": self.plan.source_format, "file_sha256": checksums},
+                       "source_format": self.plan.source_format, "file_sha256": checksums,
+                       **({"quantization": self.ckpt.record()} if hasattr(self.ckpt, "record") else {})},
         }
 
     def write_description(self, root: Path, checksums: dict) -> None:

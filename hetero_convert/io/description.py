@@ -24,8 +24,9 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError, PlanError
+from ..puzzletron import FORMATS as PUZZLETRON_FORMATS
 
-SOURCE_FORMATS = ("decilm", "decilm-newer", "decilm-7b", "llama")
+SOURCE_FORMATS = ("decilm", "decilm-newer", "decilm-7b", "llama", *PUZZLETRON_FORMATS)
 # Plan fields that its config form (`hf_config()`) does not carry: taken as stated (checked against the source
 # record when there is one). A new ModelPlan field either round-trips through hf_config / load_plan or is
 # listed here.
@@ -135,11 +136,11 @@ def plan_from_description(desc: dict, path: Path):
     raw = desc["plan"]
     try:
         plan = ModelPlan.from_json(raw)
-        regenerated = plan.llama_config() if plan.source_format == "llama" else plan.hf_config()
+        regenerated = plan.config_form()
     except Exception as e:  # noqa: BLE001 - untrusted input: whatever shape of nonsense, refused here, named
         text = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(f"{path}: plan: malformed ({type(e).__name__}: {text})") from None
-    if regenerated is None:
+    if plan.source_format == "llama" and regenerated.get("model_type") != "llama":
         raise CheckpointError(f"{path}: plan.source_format is 'llama', but its layers are not all one Llama layer")
     if plan.source_format not in SOURCE_FORMATS:
         raise CheckpointError(f"{path}: plan.source_format is {_show(plan.source_format)}, not one of "

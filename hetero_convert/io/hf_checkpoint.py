@@ -127,15 +127,43 @@ def dtype_key(source_config: dict | None) -> str:
     return "torch_dtype"
 
 
+SCHEMAS = ("auto", "decilm", "llama", "puzzletron", "anymodel")
+
+
+def export_schema(plan, schema: str | None):
+    """The plan to write in `schema` (auto: the one it came in), refused when the schema cannot express it."""
+    import dataclasses
+
+    from ..errors import ConversionError
+    from ..puzzletron import expressible, format_for, plan_family
+
+    if schema in (None, "auto"):
+        return plan
+    if schema not in SCHEMAS:
+        raise ConversionError(f"schema must be one of {list(SCHEMAS)}, got {schema!r}")
+    if schema == "llama" and plan.llama_config() is None:
+        raise ConversionError("the model cannot be written as a LlamaForCausalLM: its layers differ")
+    if schema == "decilm":
+        plan.hf_config()  # refuses what DeciLM cannot state (per-head q/k norms, another head_dim)
+        return dataclasses.replace(plan, source_format="decilm")
+    if schema in ("puzzletron", "anymodel"):
+        family = plan_family(plan)
+        if expressible(plan, family):
+            raise ConversionError(f"the model cannot be written as a Puzzletron child "
+                                  f"({'; '.join(expressible(plan, family)[:5])}): use the DeciLM schema")
+        schema = format_for(family, schema)
+    return dataclasses.replace(plan, source_format=schema)
+
+
 def write_config(out: str | Path, plan, dtype: torch.dtype, source_config: dict | None = None) -> dict:
     """config.json (and the remote code when it is a DeciLM config): a Llama that went in comes back as a
-    Llama, everything else as DeciLM; the dtype under the source's key. Returns it."""
+    Llama, a Puzzletron child in its schema, everything else as DeciLM; the dtype under the source's key.
+    `plan.source_format` decides (`export_schema` sets it for --schema). Returns it."""
     from ..remote_code import write_remote_code
 
     out = Path(out)
-    cfg = plan.llama_config() if plan.source_format == "llama" else None
-    if cfg is None:
-        cfg = plan.hf_config()
+    cfg = plan.config_form(source_config)
+    if cfg.get("model_type") == "nemotron-nas":
         cfg["auto_map"] = write_remote_code(out)
     cfg.pop("torch_dtype", None)
     cfg[dtype_key(source_config)] = config_name(dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import ATTENTION, FFN_PART, Attention, FFN, SubBlockKind
 from .gqa import GQA_ATTENTION
+from .gqa_qk_norm import GQA_QK_NORM_ATTENTION
 from .linear_attention import LINEAR_ATTENTION
 from .linear_ffn import LINEAR_FFN
 from .none import NO_ATTENTION, NO_FFN
@@ -46,8 +47,9 @@ def kinds(part: str) -> list[SubBlockKind]:
     return list(_REGISTRY[part].values())
 
 
-for _k in (NO_ATTENTION, LINEAR_ATTENTION, GQA_ATTENTION, NO_FFN, LINEAR_FFN, SWIGLU_FFN):
+for _k in (NO_ATTENTION, LINEAR_ATTENTION, GQA_QK_NORM_ATTENTION, GQA_ATTENTION, NO_FFN, LINEAR_FFN, SWIGLU_FFN):
     register(_k)
 
 __all__ = ["ATTENTION", "FFN_PART", "Attention", "FFN", "SubBlockKind", "get", "kinds", "register", "unregister",
-           "GQA_ATTENTION", "LINEAR_ATTENTION", "NO_ATTENTION", "SWIGLU_FFN", "LINEAR_FFN", "NO_FFN"]
+           "GQA_ATTENTION", "GQA_QK_NORM_ATTENTION", "LINEAR_ATTENTION", "NO_ATTENTION", "SWIGLU_FFN", "LINEAR_FFN",
+           "NO_FFN"]

@@ -70,6 +70,7 @@ class SubBlockKind:
     name: str = ""  # as stored in plans, descriptions and the mapping tables' `when`
     fields: tuple[str, ...] = ()  # the sub-block value's fields this kind uses (the others must stay None)
     block_keys: frozenset[str] = frozenset()  # the block_configs keys it reads
+    in_decilm: bool = True  # whether a DeciLM config (and our DeciLM model) can state it
 
     # ---- the value -------------------------------------------------------------------------------------------
     def check(self, sub) -> None:

@@ -55,10 +55,10 @@ def load_hf_weights(model, plan: ModelPlan, source: str | Path | dict | TensorSo
     """Fill this rank's parameters of a live model from HF weights: a checkpoint directory (read lazily, only
     this rank's rows and columns), a {name: tensor} dict, or any `TensorSource`. Returns the checkpoint keys
     filled. Every weight the model holds on this rank must be covered, or nothing is changed and it raises."""
-    from ..io.hf_reader import HFCheckpoint
+    from ..io.quantized import open_checkpoint
 
     if isinstance(source, (str, Path)):
-        source = HFCheckpoint(source)
+        source = open_checkpoint(source)  # a ModelOpt FP8/NVFP4 checkpoint: dequantized on read
     elif isinstance(source, dict):
         source = DictSource(source)
     _, tp, tp_rank, _, _, _ = _groups()

@@ -19,13 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..hf.configuration_decilm import DeciLMConfig
-from ..hf.modeling_decilm import (
-    DeciLMDecoderLayer,
-    DeciLMRMSNorm,
-    DeciLMRotaryEmbedding,
-    build_attention_bias,
-)
-from ..io.hf_reader import HFCheckpoint
+from ..hf.modeling_decilm import DeciLMDecoderLayer, DeciLMRMSNorm, DeciLMRotaryEmbedding, build_attention_bias
+from ..io.quantized import open_checkpoint
 from ..plan import LayerPlan, ModelPlan, load_config, load_plan
 
 
@@ -58,7 +53,7 @@ class ParentModel:
         self.dir = Path(src)
         self.config = source_config(src)
         self.plan = load_plan(self.config)
-        self.ckpt = HFCheckpoint(src)
+        self.ckpt = open_checkpoint(src, self.config)  # a ModelOpt FP8/NVFP4 parent: dequantized on read
         self.device = torch.device(device)
         # fp32 on CPU (fast there and exact enough for small KL differences); bf16 on GPUs.
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
