@@ -114,7 +114,8 @@ def agree(comm: Comm, phase: str, fn, cleanup=None) -> list:
 def _merge_counts(summary: Summary, parts: list[dict]) -> None:
     for key in ("chunks", "bytes_written", "bytes_read"):
         setattr(summary, key, sum(p.get(key, 0) for p in parts))
-    summary.warnings = [w for p in parts for w in p["warnings"]]
+    # the same warning from several processes (a note about the input every process read) is said once
+    summary.warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep", workers: int = 1,
