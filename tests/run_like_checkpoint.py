@@ -14,10 +14,12 @@ common_state object) is megatron-core's own choice.
     --kind llama           megatron's standard local-spec GPTModel of a Llama plan: stacked layers
                            (decoder.layers.X [L, ...]); args as a Llama run stores them, padded_vocab_size only
     --integrity            also megatron's integrity.json (save(..., verify_integrity=True)), where it exists
+    --model-only           the model and args alone, as a run with --no-save-optim --no-save-rng saves them
+                           (benchmarks/training_run_export.py compares the two)
 
-Then the checkpoint is loaded by megatron itself into a fresh fp32 model of the same kind, and rank 0 saves its
-logits for `--input-ids` to `--out`. usage (under torchrun, gloo):
-    python -m run_like_checkpoint ROOT PLAN.json --kind K --tp N --input-ids IDS.pt --out LOGITS.pt [--integrity]
+Then, with --out, the checkpoint is loaded by megatron itself into a fresh fp32 model of the same kind, and
+rank 0 saves its logits for `--input-ids` to `--out`. usage (under torchrun, gloo):
+    python -m run_like_checkpoint ROOT PLAN.json --kind K --tp N [--input-ids IDS.pt --out LOGITS.pt] [--integrity]
 """
 
 from __future__ import annotations
@@ -114,8 +116,7 @@ def run_args(plan: ModelPlan, kind: str, tp: int, padded_vocab: int) -> argparse
         max_position_embeddings=plan.max_position_embeddings)
 
 
-def train_and_save(plan: ModelPlan, kind: str, tp: int, it_dir: str, integrity: bool) -> None:
-    from megatron.core import dist_checkpointing
+def train_and_save(plan: ModelPlan, kind: str, tp: int, it_dir: str, integrity: bool, model_only: bool) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -151,6 +152,9 @@ def train_and_save(plan: ModelPlan, kind: str, tp: int, it_dir: str, integrity: 
     sd_meta = dict(meta, dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
     state = {"args": run_args(plan, kind, tp, model.vocab_size), "checkpoint_version": 3.0, "iteration": 100}
     state["model"] = model.sharded_state_dict(metadata=sd_meta)  # the unwrapped model, as a run saves it
+    if model_only:
+        _save(state, it_dir, meta, integrity)
+        return
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=sd_meta)
     state["opt_param_scheduler"] = sched.state_dict()
     rerun = get_rerun_state_machine().state_dict(data_iterator=None, ckpt_format="torch_dist")
@@ -162,6 +166,12 @@ def train_and_save(plan: ModelPlan, kind: str, tp: int, it_dir: str, integrity: 
     state["rng_state"] = ShardedObject("rng_state", [rng], (1, tp), (0, ps.get_tensor_model_parallel_rank()),
                                        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     state["num_floating_point_operations_so_far"] = 123
+    _save(state, it_dir, meta, integrity)
+
+
+def _save(state: dict, it_dir: str, meta: dict, integrity: bool) -> None:
+    from megatron.core import dist_checkpointing
+
     if torch.distributed.get_rank() == 0:
         os.makedirs(it_dir, exist_ok=True)
     torch.distributed.barrier()
@@ -176,9 +186,10 @@ def main() -> None:
     ap.add_argument("plan")
     ap.add_argument("--kind", choices=["heterogeneous", "llama"], required=True)
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--input-ids", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--input-ids")
+    ap.add_argument("--out")
     ap.add_argument("--integrity", action="store_true")
+    ap.add_argument("--model-only", action="store_true")
     args = ap.parse_args()
     plan = read_plan(args.plan)
     it_dir = os.path.join(args.root, "iter_0000100")
@@ -187,13 +198,15 @@ def main() -> None:
         torch.cuda.current_stream = lambda *a, **k: _NoStream()  # param_and_grad_buffer's grad sync
         try:
             with CudaToCpu():
-                train_and_save(plan, args.kind, args.tp, it_dir, args.integrity)
+                train_and_save(plan, args.kind, args.tp, it_dir, args.integrity, args.model_only)
         finally:
             torch.cuda.current_stream = real_stream
         if torch.distributed.get_rank() == 0:
             with open(os.path.join(args.root, "latest_checkpointed_iteration.txt"), "w") as f:
                 f.write("100")
         torch.distributed.barrier()
+        if args.out is None:
+            return
         # What megatron itself loads from that checkpoint, computed in fp32.
         model = build_model(plan, args.tp, 1, "fp32", "cpu") if args.kind == "heterogeneous" \
             else llama_model(plan, args.tp, torch.float32).eval()
