@@ -72,7 +72,9 @@ def test_every_writer_loads_in_every_loader(tmp_path):
             else:
                 assert outcome == "ok", f"megatron-core {v} cannot load {name}: {outcome}"
                 logits[name].append(torch.load(cases[name][1], weights_only=True)["logits"])
-    for name, got in logits.items():  # every version computes the same logits from each folder
-        assert got and all(torch.equal(got[0], g) for g in got), name
+    for name, (_, only_019) in folders.items():  # every version that loads it computes the same logits
+        got = logits[name]
+        assert len(got) == sum(not (only_019 and v < (0, 19)) for v in versions.values()), name
+        assert all(torch.equal(got[0], g) for g in got), name
     ours = [g for name, got in logits.items() if name.startswith("hf-to-megatron") for g in got]
     assert all(torch.equal(ours[0], g) for g in ours)  # the three forms hold the same weights
