@@ -61,32 +61,37 @@ def check_layout(plan: "ModelPlan", tp: int = 1, pp: int = 1) -> "LayoutReport":
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
                    dtype: "torch.dtype | None" = None, workers: int = 1, overwrite: bool = False,
                    strict: bool = False, checksums: bool = True, progress: ProgressCallback | None = None,
-                   distributed: bool | None = None) -> "Summary":
+                   distributed: bool | None = None, megatron_core: str = "any") -> "Summary":
     """A HF checkpoint -> a Megatron torch_dist checkpoint laid out as a run at (tp, pp) writes it.
 
     `dtype`: None keeps the source's. `strict`: refuse NaN/Inf weights (else a warning in the summary).
     `checksums`: record the source files' sha256 in the checkpoint's description. `distributed`: None = split
-    the work over the processes when torchrun started several, True/False to force. Raises a
-    `HeteroConvertError` subclass, having written nothing, when the input is refused."""
+    the work over the processes when torchrun started several, True/False to force. `megatron_core`: the
+    megatron-core that will load it, "any" (default: loads in 0.16 .. 0.19), "0.16", "0.17", "0.18" (common.pt
+    only) or "0.19" (0.19's common_state object only). Raises a `HeteroConvertError` subclass, having written
+    nothing, when the input is refused."""
     from .convert import hf_to_megatron as _run
 
     return _run(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite, strict=strict,
-                checksums=checksums, progress=progress, distributed=distributed)
+                checksums=checksums, progress=progress, distributed=distributed, megatron_core=megatron_core)
 
 
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
                    dtype: "torch.dtype | None" = None, tokenizer_from: str | Path | None = None, workers: int = 1,
                    overwrite: bool = False, strict: bool = False, progress: ProgressCallback | None = None,
-                   distributed: bool | None = None, schema: str = "auto") -> "Summary":
-    """A Megatron torch_dist checkpoint (ours, or a training run's, saved at any TP/PP) -> a HF checkpoint:
-    sharded safetensors, config.json (DeciLM with regenerated block_configs and remote code, Llama for a
-    Llama, a Puzzletron child in its own schema; `schema` picks another), and the tokenizer from
-    `tokenizer_from`. Options as for `hf_to_megatron`."""
+                   distributed: bool | None = None, schema: str = "auto",
+                   verify_integrity: bool = True) -> "Summary":
+    """A Megatron torch_dist checkpoint (ours, or a training run's, saved at any TP/PP by megatron-core 0.16 ..
+    0.19) -> a HF checkpoint: sharded safetensors, config.json (DeciLM with regenerated block_configs and remote
+    code, Llama for a Llama, a Puzzletron child in its own schema; `schema` picks another), and the tokenizer
+    from `tokenizer_from`. A training run's optimizer, RNG and scheduler state is never read.
+    `verify_integrity`: check megatron's integrity.json when the folder has one (this reads every file it
+    lists, optimizer state included). Other options as for `hf_to_megatron`."""
     from .convert import megatron_to_hf as _run
 
     return _run(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype, tokenizer_from=tokenizer_from,
                 workers=workers, overwrite=overwrite, strict=strict, progress=progress, distributed=distributed,
-                schema=schema)
+                schema=schema, verify_integrity=verify_integrity)
 
 
 def plan_conversion(path: str | Path, processes: int, *, tp: int = 1, pp: int = 1,

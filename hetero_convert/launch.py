@@ -128,8 +128,9 @@ def first_error(path: Path) -> str | None:
 
 def run_under_torchrun(args: Sequence, nproc: int, timeout: float = 600.0, log_file: str | Path | None = None,
                        env: dict | None = None, module: str = "hetero_convert.megatron.worker",
-                       extra_path: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --standalone --nproc-per-node N -m <module> *args`.
+                       extra_path: Sequence[str] = (), python: str = sys.executable) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N -m <module> *args`, with this interpreter
+    or `python` (another environment's, e.g. another megatron-core version's).
 
     Output goes to a file, not a pipe: megatron's dist-checkpoint save leaves a spawned Manager process
     that holds inherited pipe ends open, so reading a pipe to EOF can wait forever. The run gets its own
@@ -142,7 +143,7 @@ def run_under_torchrun(args: Sequence, nproc: int, timeout: float = 600.0, log_f
         os.close(fd)
         log_file = name
     log_path = Path(log_file)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", module, *map(str, args)]
     run_env = dict(os.environ if env is None else env)
     run_env["PYTHONPATH"] = os.pathsep.join(

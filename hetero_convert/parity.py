@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import VerifyError
+from .io.dcp import DCPReader
 from .io.megatron_checkpoint import iteration_dir, read_plan as read_plan_from_megatron
 from .launch import share_from_coordinator, world
 from .plan import ModelPlan, load_plan
@@ -371,6 +373,11 @@ def verify_many(pairs: list[tuple[Path, Path]], tp: int = 1, pp: int = 1, device
         hf_plan = load_plan(hf_dir)
         it_dir = iteration_dir(meg_dir)
         meg_plan = read_plan_from_megatron(it_dir)
+        if DCPReader(it_dir).view_stacked_layers(meg_plan.num_layers):
+            raise VerifyError(f"{meg_dir}: its layers are stored stacked (decoder.layers.X [L, ...]), as megatron-core "
+                              f"saves a homogeneous model such as a Megatron-LM Llama run; verify builds the "
+                              f"heterogeneous GPTModel, which loads per-layer keys. Re-lay it out first "
+                              f"(hetero-convert megatron-to-megatron {meg_dir} OUT) or verify its megatron-to-hf export")
         check_before_loading(it_dir, meg_plan)
         if structural_check:
             diffs = same_model(hf_plan, meg_plan)

@@ -19,18 +19,10 @@ import torch.nn.functional as F
 
 from .layout import PipelineSplit, padded_vocab_size, require_layout
 from .errors import PlanError
+from .megatron.compat import describe as describe_module, te_available
 from .plan import GQA, SWIGLU, ModelPlan
 
 GQA_QK_NORM = "gqa_qk_norm"
-
-
-
-def te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def megatron_config(
@@ -103,7 +95,8 @@ def qk_layernorm(plan: ModelPlan) -> bool:
 
 
 def layer_specs(config, use_te: bool | None = None, pp_rank: int | None = None):
-    """megatron-core's per-layer ModuleSpecs (TE spec when transformer-engine imports, else the local one)."""
+    """megatron-core's per-layer specs (the TE spec when megatron-core finds Transformer Engine usable, else the
+    local one). Their form depends on the version: read them through megatron/compat.py's `describe`."""
     from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 
     if use_te is None:
@@ -153,21 +146,6 @@ def build_gpt_model(plan: ModelPlan, config, use_te: bool | None = None, pre_pro
         rope_scaling=a.rope_scaling,
         rope_scaling_factor=a.rope_scaling_factor,
     )
-
-
-def describe_module(spec) -> str:
-    """A short name for a ModuleSpec or class, e.g. 'SelfAttention(ColumnParallelLinear, ...)'."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    if isinstance(spec, ModuleSpec):
-        name = getattr(spec.module, "__name__", str(spec.module))
-        subs = spec.submodules
-        if subs is not None and hasattr(subs, "__dataclass_fields__"):
-            parts = [describe_module(getattr(subs, f)) for f in subs.__dataclass_fields__
-                     if getattr(subs, f) is not None]
-            return f"{name}({', '.join(parts)})" if parts else name
-        return name
-    return getattr(spec, "__name__", type(spec).__name__)
 
 
 def spec_table(plan: ModelPlan, tp: int = 1, pp: int = 1, use_te: bool = False) -> list[dict]:

@@ -138,6 +138,30 @@ def test_a_failed_rank_fails_the_job_and_leaves_nothing(sources, tmp_path, direc
     assert_no_output(tmp_path / "out")
 
 
+def test_distributed_export_checks_the_integrity_manifest(sources, tmp_path):
+    """megatron's integrity.json under torchrun: each process hashes a share of the listed files while it
+    converts; the coordinator compares them all before the commit (a changed byte: nothing written)."""
+    from test_mcore_compat import write_manifest
+
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "meg", tp=2)
+    it = tmp_path / "meg" / "release"
+    files = write_manifest(it)
+    r = torchrun(2, "megatron-to-hf", tmp_path / "meg", tmp_path / "ok", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["layout"]["integrity_verified_files"] == len(files)
+    info = next(i for k, i in DCPReader(it).metadata.storage_data.items() if k.fqn == "output_layer.weight"
+                and i.relative_path.startswith("__1_"))
+    with open(it / info.relative_path, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    r = torchrun(2, "megatron-to-hf", tmp_path / "meg", tmp_path / "bad")
+    msg = " ".join(r.stderr.split())
+    assert r.returncode != 0 and f"{info.relative_path}: sha256" in msg and msg.count("error:") == 1, r.stderr[-3000:]
+    assert_no_output(tmp_path / "bad")
+
+
 # ---- assignment and planning, in process ----------------------------------------------------------------
 
 

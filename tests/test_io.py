@@ -1,5 +1,5 @@
-"""The byte-level pieces under the converters: the positional safetensors writer, the NaN/Inf check and the
-source hashes."""
+"""The byte-level pieces under the converters: the positional safetensors writer, the NaN/Inf check, the
+source hashes, and DCP's stacked layer entries read per layer."""
 
 import hashlib
 import random
@@ -151,3 +151,70 @@ def test_file_hashes_of_several_files_on_several_threads(tmp_path):
     assert len(hashes._threads) == 3
     got = hashes.results(paths)
     assert got == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def write_dcp(path, tensors: dict, chunking: dict):
+    """A DCP folder written by our tensor-major writer: `chunking[key]` lists each chunk's (offsets, sizes)."""
+    from hetero_convert.io.dcp import finish_metadata, tensor_item, write_groups
+
+    items = [tensor_item(k, t.shape, o, s, t.dtype) for k, t in tensors.items() for o, s in chunking[k]]
+
+    def produce(group):
+        for it in group:
+            region = tuple(slice(o, o + n) for o, n in zip(it.index.offset, it.tensor_data.chunk.sizes))
+            yield it, tensors[it.index.fqn][region].clone()
+
+    results = write_groups(path, [[it] for it in items], produce, lambda it: 0)
+    finish_metadata(path, [items], [results])
+
+
+def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
+    """A homogeneous model's `decoder.layers.X` [L, ...] is seen as `decoder.layers.{i}.X`: equal to DCP's own
+    load sliced, each layer read from its own chunks (a bad chunk of layer 1 leaves layer 0 readable)."""
+    import torch.distributed.checkpoint as dcp
+
+    from hetero_convert.io.dcp import DCPReader
+    from hetero_convert.io.hf_index import CheckpointError
+
+    g = torch.Generator().manual_seed(0)
+    L = 3
+    tensors = {"decoder.layers.self_attention.linear_qkv.weight": torch.randn(L, 8, 4, generator=g).bfloat16(),
+               "decoder.layers.mlp.linear_fc1.layer_norm_weight": torch.randn(L, 4, generator=g),
+               "decoder.layers.0.special.weight": torch.randn(2, 2, generator=g),
+               "embedding.word_embeddings.weight": torch.randn(6, 4, generator=g)}
+    qkv, norm, special, emb = tensors
+    chunking = {qkv: [((i, 4 * t, 0), (1, 4, 4)) for i in range(L) for t in range(2)],  # per layer, TP=2
+                norm: [((0, 0), (L, 4))],  # one chunk holding every layer
+                special: [((0, 0), (2, 2))], emb: [((0, 0), (6, 4))]}
+    write_dcp(tmp_path, tensors, chunking)
+    reader = DCPReader(tmp_path)
+    assert reader.view_stacked_layers(L + 1) == 0 and not reader.stacked  # not this model's layer count
+    assert reader.view_stacked_layers(L) == 2 and reader.stacked
+    keys = reader.tensor_keys()
+    assert qkv not in keys and norm not in keys and {special, emb} <= set(keys)
+    theirs = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in tensors.items()}
+    dcp.load(theirs, storage_reader=dcp.FileSystemReader(str(tmp_path)), no_dist=True)
+    for i in range(L):
+        for key, rest in ((qkv, "self_attention.linear_qkv.weight"), (norm, "mlp.linear_fc1.layer_norm_weight")):
+            view = f"decoder.layers.{i}.{rest}"
+            assert tuple(keys[view].size) == tuple(tensors[key].shape[1:])
+            assert torch.equal(reader.load(view), theirs[key][i]) and torch.equal(reader.load(view), tensors[key][i])
+            assert torch.equal(reader.load(view, torch.float64), tensors[key][i].double())
+            assert reader.tensor_bytes(view) == tensors[key][i].numel() * tensors[key].element_size()
+    # Garble layer 1's first chunk of the QKV: layer 1 is refused, naming the stacked entry and the chunk.
+    index = next(k for k in reader.metadata.storage_data if k.fqn == qkv and tuple(k.offset) == (1, 0, 0))
+    info = reader.metadata.storage_data[index]
+    with open(tmp_path / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\0" * 64)
+    fresh = DCPReader(tmp_path)
+    fresh.view_stacked_layers(L)
+    assert torch.equal(fresh.load("decoder.layers.0.self_attention.linear_qkv.weight"), tensors[qkv][0])
+    with pytest.raises(CheckpointError, match=r"the chunk of 'decoder\.layers\.self_attention\.linear_qkv\.weight' "
+                                              r"at \[1, 0, 0\]"):
+        fresh.load("decoder.layers.1.self_attention.linear_qkv.weight")
+    # A truncated data file is reported for every layer of a stacked entry it holds.
+    with open(tmp_path / info.relative_path, "r+b") as f:
+        f.truncate(info.offset)
+    missing = fresh.missing_bytes()
+    assert {f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(L)} <= set(missing)

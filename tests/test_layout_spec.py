@@ -99,6 +99,7 @@ def test_megatron_rope_constants_are_checked():
     assert "rope_scaling.high_freq_factor: 2.0 differs from megatron-core's fixed 4.0" in report.message()
 
 
+@pytest.mark.megatron
 def test_megatron_config_per_layer_from_megatron_itself():
     from hetero_convert.spec import gpt_args, megatron_config
 
@@ -125,6 +126,7 @@ def test_rope_factor_16_reaches_megatron():
     assert gpt_args(plan, 1).rope_scaling_factor == 16.0
 
 
+@pytest.mark.megatron
 def test_spec_table_full_size_super():
     from hetero_convert.spec import spec_table
 
@@ -144,6 +146,7 @@ def test_spec_table_full_size_super():
     assert stages == sorted(stages) and set(stages) == {0, 1, 2, 3}
 
 
+@pytest.mark.megatron
 def test_spec_linear_replacements_use_megatron_gathered_linear():
     from hetero_convert.spec import spec_table
 

@@ -23,6 +23,8 @@ from hetero_convert.megatron.model import _masks
 from hetero_convert.layout import check_layout
 from hetero_convert.plan import GQA, LINEAR, NONE, SWIGLU, load_plan
 
+pytestmark = pytest.mark.megatron
+
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 VARIANTS = ["untied", "tied"]
 SEQ, PAD_FROM = 24, 15  # row 1 of the batch holds PAD_FROM real tokens, then right padding

@@ -298,6 +298,7 @@ def test_costs():
 # ---- end to end --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.megatron
 def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
     from typer.testing import CliRunner
 

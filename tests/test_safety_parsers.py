@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from hetero_convert.io.dcp import DCPReader, dcp_failures_named, read_common_state
+from hetero_convert.io.dcp import DCPReader, dcp_failures_named
+from hetero_convert.megatron.compat import read_common_state
 from hetero_convert.io.hf_index import INDEX_FILE, CheckpointError
 from hetero_convert.io.hf_reader import HFCheckpoint
 from hetero_convert.io.safe_pickle import (

@@ -17,6 +17,8 @@ from hetero_convert.launch import run_under_torchrun
 from hetero_convert.mappings import expected_hf_keys
 from hetero_convert.plan import load_plan
 
+pytestmark = pytest.mark.megatron
+
 TESTS = str(Path(__file__).resolve().parent)
 # every layer kind; tied embeddings (a copy on the last stage); a ModelOpt NVFP4 export (read dequantized)
 FIXTURES = ["tiny-every-kind", "tiny-tied", "nvfp4"]

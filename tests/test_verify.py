@@ -37,6 +37,7 @@ def converted(tmp_path_factory):
     return out
 
 
+@pytest.mark.megatron
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_every_fixture_matches_at_layout(converted, tmp_path, tp, pp):
     pairs = [converted[name] for name in FIXTURES]
@@ -104,6 +105,7 @@ def transpose(key):
     return edit
 
 
+@pytest.mark.megatron
 def test_corruptions_fail_and_name_the_layer_at_hidden_1024(tmp_path):
     src = write_random_checkpoint(HIDDEN_1024, tmp_path / "hf", seed=3, max_shard_bytes=16 << 20)
     hf_to_megatron(src, tmp_path / "meg")
@@ -319,6 +321,7 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
         .save_pretrained(directory)
 
 
+@pytest.mark.megatron
 def test_verify_cli_text_prompts_under_torchrun_and_exit_codes(converted, tmp_path):
     src, meg = converted["tiny-tied"]
     hf = Path(shutil.copytree(src, tmp_path / "hf"))

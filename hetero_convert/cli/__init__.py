@@ -35,13 +35,31 @@ def _version(value: bool):
         raise typer.Exit(0)
 
 
+# Commands that run megatron-core or write checkpoints for it: they say, at start-up, when the installed
+# megatron-core is outside the tested range (prune does when given --megatron).
+MEGATRON_COMMANDS = {"spec", "hf-to-megatron", "megatron-to-megatron", "verify", "demo"}
+
+
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
                                       help="Print the version and exit"),
          debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure (a bug report needs "
                                                            "it) instead of one line")):
     """Move heterogeneous (Nemotron-NAS / DeciLM) checkpoints between HuggingFace and Megatron-Core, prove the
     move was exact, and prune them into new heterogeneous shapes. `hetero-convert COMMAND -h` explains each."""
+    if ctx.invoked_subcommand in MEGATRON_COMMANDS:
+        warn_megatron_version()
+
+
+def warn_megatron_version() -> None:
+    """One stderr line, from rank 0 only, when megatron-core is missing or outside the tested range (read from
+    its distribution metadata: megatron itself is not imported)."""
+    from ..megatron.compat import version_warning
+
+    msg = version_warning()
+    if msg and world().coordinator:
+        err.print(f"[yellow]warning:[/] {msg}", highlight=False)
 
 
 def fail(msg: str, code: int = 1):
@@ -116,6 +134,9 @@ OVERWRITE_HELP = ("Replace OUT_DIR if it holds a previous output of this command
                   "holding one, or a directory of anything else)")
 DISTRIBUTED_HELP = ("Split the work over the processes of a torchrun job (default: when torchrun started more "
                     "than one); output on a filesystem every process sees")
+MEGATRON_CORE_HELP = ("The megatron-core that will load the output: any (loads in 0.16 .. 0.19: common.pt and 0.19's "
+                      "common_state object), 0.16 | 0.17 | 0.18 (common.pt only), 0.19 (common_state only, as 0.19 "
+                      "itself saves)")
 
 
 @app.command("hf-to-megatron")
@@ -130,14 +151,18 @@ def hf_to_megatron_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+    megatron_core: str = typer.Option("any", "--megatron-core", metavar="any|0.16|0.17|0.18|0.19",
+                                      help=MEGATRON_CORE_HELP),
 ):
     """Convert a HF checkpoint into a Megatron torch_dist checkpoint, streaming."""
     from ..io.checksums import FileHashes
     from ..io.hf_index import shard_files
     from ..layout import require_layout
+    from ..megatron.compat import common_forms
     from ..plan import load_plan
 
-    try:  # refuse a config or layout before paying for torch's import (the converter checks it again)
+    try:  # refuse a config, layout or target before paying for torch's import (the converter checks them again)
+        common_forms(megatron_core)
         require_layout(load_plan(hf_dir), tp, pp)
     except HeteroConvertError as e:
         fail(str(e))
@@ -162,7 +187,7 @@ def hf_to_megatron_cmd(
         with Progress(total, "hf-to-megatron", not as_json and env.size == 1) as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
                                strict=strict, checksums=hashes if single else True, progress=prog,
-                               distributed=distributed)
+                               distributed=distributed, megatron_core=megatron_core)
     except HeteroConvertError as e:
         hashes.close()
         fail_job(e)
@@ -184,8 +209,13 @@ def megatron_to_hf_cmd(
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
     schema: str = typer.Option("auto", "--schema", metavar="auto|decilm|llama|puzzletron|anymodel",
                                help="config.json schema to write (auto: the one the model came in)"),
+    verify_integrity: bool = typer.Option(
+        True, "--verify-integrity/--no-verify-integrity",
+        help="When the folder has megatron's integrity.json, check every file it lists (sha256) before the output "
+             "is committed; this reads the optimizer state too"),
 ):
-    """Convert a Megatron torch_dist checkpoint (any TP/PP) into a HF checkpoint, streaming."""
+    """Convert a Megatron torch_dist checkpoint (any TP/PP; ours, or a training run's iteration folder saved by
+    megatron-core 0.16 .. 0.19) into a HF checkpoint, streaming; optimizer, RNG and scheduler state are not read."""
     from ..convert import megatron_to_hf
     from .process import settle_process_for_streaming
     from .progress import Progress
@@ -196,7 +226,8 @@ def megatron_to_hf_cmd(
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
-                               progress=prog, distributed=distributed, schema=schema)
+                               progress=prog, distributed=distributed, schema=schema,
+                               verify_integrity=verify_integrity)
     except (HeteroConvertError, FileNotFoundError) as e:
         fail_job(e)
     if env.coordinator:
@@ -215,12 +246,17 @@ def megatron_to_megatron_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse NaN/Inf weights instead of warning"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary"),
     distributed: Optional[bool] = typer.Option(None, "--distributed/--no-distributed", help=DISTRIBUTED_HELP),
+    megatron_core: str = typer.Option("any", "--megatron-core", metavar="any|0.16|0.17|0.18|0.19",
+                                      help=MEGATRON_CORE_HELP),
 ):
-    """Re-chunk a Megatron checkpoint for another TP/PP (or dtype), streaming, without going through HF."""
+    """Re-chunk a Megatron checkpoint for another TP/PP (or dtype), streaming, without going through HF. A
+    homogeneous training run's stacked layers come out per layer."""
     from ..describe import load_model_plan
     from ..layout import require_layout
+    from ..megatron.compat import common_forms
 
-    try:  # refuse the layout before paying for torch's import
+    try:  # refuse the target and layout before paying for torch's import
+        common_forms(megatron_core)
         require_layout(load_model_plan(megatron_dir), tp, pp)
     except HeteroConvertError as e:
         fail(str(e))
@@ -233,7 +269,8 @@ def megatron_to_megatron_cmd(
     try:
         with Progress(0, "megatron-to-megatron", not as_json and env.size == 1) as prog:
             s = megatron_to_megatron(megatron_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers,
-                                     overwrite=overwrite, strict=strict, progress=prog, distributed=distributed)
+                                     overwrite=overwrite, strict=strict, progress=prog, distributed=distributed,
+                                     megatron_core=megatron_core)
     except (HeteroConvertError, FileNotFoundError) as e:
         fail_job(e)
     if env.coordinator:
@@ -408,6 +445,9 @@ def prune(
 ):
     """Prune into a smaller heterogeneous DeciLM model: per-layer variants scored by KL, exact knapsack search."""
     import warnings
+
+    if megatron is not None:
+        warn_megatron_version()
 
     warnings.filterwarnings("ignore")
     from ..pruning import PruneError, PruneOptions

@@ -90,6 +90,9 @@ def print_summary(s, as_json: bool) -> None:
     rate = s.bytes_written / max(s.seconds, 1e-9)
     console.print(f"{s.direction}: {s.tensors} tensors ({s.chunks} chunks), {human_bytes(s.bytes_written)} written "
                   f"in {s.seconds:.1f}s ({human_bytes(rate)}/s) -> {s.output}", highlight=False)
+    if s.layout.get("integrity_verified_files"):
+        console.print(f"integrity.json: the sha256 of all {s.layout['integrity_verified_files']} files it lists match",
+                      highlight=False)
 
 
 def print_plan_conversion(d: dict) -> None:

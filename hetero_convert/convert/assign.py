@@ -31,6 +31,9 @@ def tensor_costs(job) -> list[int]:
     out = []
     for group in job.grouped.groups:
         chunked = [it for it in group if it.type.name != "BYTE_IO"]
+        if not chunked:  # an object of its own (the common_state object): a few hundred bytes
+            out.append(0)
+            continue
         m = maps[chunked[0].index.fqn]
         out.append(job.read_bytes(m) + job.grouped.write_bytes(group))
     return out

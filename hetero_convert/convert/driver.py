@@ -124,19 +124,23 @@ def agree(comm: Comm, phase: str, fn, cleanup=None) -> list:
 def _merge_counts(summary: Summary, parts: list[dict]) -> None:
     for key in ("chunks", "bytes_written", "bytes_read"):
         setattr(summary, key, sum(p.get(key, 0) for p in parts))
-    summary.warnings = [w for p in parts for w in p["warnings"]]
+    # the same warning from several processes (a note about the input every process read) is said once
+    summary.warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep", workers: int = 1,
                    overwrite: bool = False, strict: bool = False, checksums: "bool | FileHashes" = True,
-                   progress: Callable[[int], None] | None = None, distributed: bool | None = None) -> Summary:
+                   progress: Callable[[int], None] | None = None, distributed: bool | None = None,
+                   megatron_core: str = "any") -> Summary:
     """HF checkpoint -> Megatron torch_dist checkpoint at (tp, pp), streaming; every process of a job returns
     the same Summary.
 
     `dtype`: None/"keep" (the source's), a torch dtype, or "bf16"/"fp16"/"fp32". `workers`: chunks converted
     concurrently per process. `checksums`: record the source files' sha256 (True), or not (False); or a
     `FileHashes` of them already under way (the CLI starts one before importing torch). `progress(nbytes)` is
-    called for every chunk written. `distributed`: see `Comm`."""
+    called for every chunk written. `distributed`: see `Comm`. `megatron_core`: the version that will load it,
+    which decides the form of the common state ("any": both forms, loads in every supported version; "0.16",
+    "0.17", "0.18": common.pt; "0.19": 0.19's common_state object only; megatron/compat.py)."""
     t0 = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=MEGATRON,
@@ -145,7 +149,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
         def setup():
             nonlocal job, files, mine, hashed
-            job = ToMegatronJob(hf_dir, out_dir, tp, pp, dtype, strict, progress)
+            job = ToMegatronJob(hf_dir, out_dir, tp, pp, dtype, strict, progress, megatron_core)
             # The same inputs on every process give the same assignment: nothing to send around.
             mine = balance(tensor_costs(job), comm.world)[comm.rank]
             files = job.ckpt.files()
@@ -200,22 +204,29 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = "5GB", dtype="keep",
                    tokenizer_from: str | Path | None = None, workers: int = 1, overwrite: bool = False,
                    strict: bool = False, progress: Callable[[int], None] | None = None,
-                   distributed: bool | None = None, schema: str | None = None) -> Summary:
+                   distributed: bool | None = None, schema: str | None = None,
+                   verify_integrity: bool = True) -> Summary:
     """Megatron torch_dist checkpoint (saved at any TP/PP, ours or a training run's) -> HF checkpoint, streaming;
     every process of a job returns the same Summary. Options as for `hf_to_megatron`; `progress` may also have
     `set_total(nbytes)`, called once the checkpoint has been read. `schema`: the config.json written, "auto"
-    (None: the source's own), "decilm", "llama", "puzzletron" or "anymodel"."""
+    (None: the source's own), "decilm", "llama", "puzzletron" or "anymodel". `verify_integrity`: when the
+    folder has megatron's integrity.json, the files it lists are hashed while converting (each process a
+    share) and the output is committed only if every digest matches; this reads the whole folder, optimizer
+    state included."""
     t0 = time.time()
     out_dir = Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=HF,
                                             sources=[megatron_dir, tokenizer_from]) as stage:
-        job, mine = None, []
+        job, mine, hashed = None, [], []
 
         def setup():
-            nonlocal job, mine
-            job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from, schema)
+            nonlocal job, mine, hashed
+            job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from, schema,
+                          verify_integrity)
             read, write = hf_shard_costs(job.shards, job.stored_bytes, lambda m: job.dtype_of(m).itemsize)
             mine = balance([r + w for r, w in zip(read, write)], comm.world)[comm.rank]
+            listed = job.integrity_files()
+            hashed = [listed[i] for i in balance([p.stat().st_size for p in listed], comm.world)[comm.rank]]
             return str(stage.begin()) if comm.rank == 0 else None
 
         tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
@@ -223,15 +234,21 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
             progress.set_total(job.total_bytes())
 
         def work():
-            job.write_shards(tmp, mine, workers)
-            job.sink.raise_if_any()
+            hashes = FileHashes(hashed)  # on background threads, while this process converts its share
+            try:
+                job.write_shards(tmp, mine, workers)
+                job.sink.raise_if_any()
+                sums = hashes.results(hashed)
+            finally:
+                hashes.close()
             return {"chunks": job.summary.chunks, "bytes_written": job.summary.bytes_written,
-                    "bytes_read": job.summary.bytes_read, "warnings": job.sink.warnings}
+                    "bytes_read": job.summary.bytes_read, "warnings": job.sink.warnings, "sha256": sums}
 
         parts = agree(comm, "converting its share", work, stage.cleanup)
 
         def finish():
             if comm.rank == 0:
+                job.check_integrity({name: h for p in parts for name, h in p["sha256"].items()})
                 job.write_metadata(tmp)
                 stage.commit()
 
@@ -240,15 +257,18 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
         job.sink.warnings = job.summary.warnings
         s = job.finish_summary(t0)
         s.layout["processes"] = comm.world
+        if job.integrity is not None:
+            s.layout["integrity_verified_files"] = len(job.integrity)
         return s
 
 
 def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep",
                          workers: int = 1, overwrite: bool = False, strict: bool = False,
-                         progress: Callable[[int], None] | None = None, distributed: bool | None = None) -> Summary:
+                         progress: Callable[[int], None] | None = None, distributed: bool | None = None,
+                         megatron_core: str = "any") -> Summary:
     """A Megatron torch_dist checkpoint (any TP/PP) re-chunked for another (tp, pp), streaming, exactly as
     hf_to_megatron at that layout would write the same weights; every process of a job returns the same
-    Summary. Options as for `hf_to_megatron`."""
+    Summary. Options as for `hf_to_megatron`. A homogeneous run's stacked layers come out per layer."""
     t0 = time.time()
     out_dir = Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=MEGATRON,
@@ -257,7 +277,7 @@ def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, tp: int 
 
         def setup():
             nonlocal job, mine
-            job = ReshardJob(megatron_dir, out_dir, tp, pp, dtype, strict, progress)
+            job = ReshardJob(megatron_dir, out_dir, tp, pp, dtype, strict, progress, megatron_core)
             mine = balance(tensor_costs(job), comm.world)[comm.rank]
             if comm.rank == 0:
                 (stage.begin() / ITERATION_DIR).mkdir()

@@ -26,9 +26,10 @@ from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, ITERATION_D
     read_plan, write_description, write_megatron_files
 from ..layout import require_layout
 from ..mappings import DictSource, TensorMapping, bind
+from ..megatron.compat import common_forms
 from .common import ErrorSink, Summary, check_finite
 from .to_hf import check_megatron_keys
-from .to_megatron import TensorGroups, megatron_write_items
+from .to_megatron import TensorGroups, add_common_state_item, common_state_group, megatron_write_items
 
 
 class ReshardJob:
@@ -37,21 +38,27 @@ class ReshardJob:
     direction = "megatron-to-megatron"
 
     def __init__(self, megatron_dir, out_dir, tp: int, pp: int, dtype, strict: bool,
-                 progress: Callable[[int], None] | None):
+                 progress: Callable[[int], None] | None, megatron_core: str = "any"):
         self.tp, self.pp, self.strict, self.progress = tp, pp, strict, progress
         self.want = dtypes.parse(dtype, keep=True)
+        common_forms(megatron_core)  # an unknown target is refused before any read
         self.it_dir = iteration_dir(megatron_dir)
-        self.plan = read_plan(self.it_dir)
-        require_layout(self.plan, tp, pp)
         self.reader = DCPReader(self.it_dir)
+        self.notes: list[str] = []
+        self.plan = read_plan(self.it_dir, self.reader, self.notes)
+        require_layout(self.plan, tp, pp)
+        self.reader.view_stacked_layers(self.plan.num_layers)
         self.source_description = read_description(self.it_dir)
         check_megatron_keys(self.reader, bind(self.plan), self.source_description, self.plan)
         self.stored = self.reader.tensor_keys()
         self.maps = bind(self.plan, tp, pp)
         self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
+        self.common_forms = add_common_state_item(self.items, megatron_core)
         self.grouped = TensorGroups(self.maps, self.items)
         self.by_name = {m.megatron: m for m in self.maps}
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
+        for note in self.notes:
+            self.sink.warn(note)
         self.lock = threading.Lock()
 
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
@@ -65,6 +72,10 @@ class ReshardJob:
 
     def produce(self, group: list):
         """Every item of one tensor's group, from one read of the source tensor."""
+        alone = common_state_group(group)
+        if alone is not None:
+            yield alone
+            return
         name = next(it.index.fqn for it in group if it.type.name != "BYTE_IO")
         m = self.by_name[name]
         full = self.reader.load(m.megatron)
@@ -108,7 +119,7 @@ class ReshardJob:
         if (self.it_dir / HF_FILES_DIR).is_dir():  # the source's tokenizer and generation config travel along
             shutil.copytree(self.it_dir / HF_FILES_DIR, it_dir / HF_FILES_DIR)
         write_description(it_dir, self.description())
-        write_megatron_files(Path(root))
+        write_megatron_files(Path(root), forms=self.common_forms)
 
     def finish_summary(self, t0: float, files: int) -> Summary:
         s = self.summary

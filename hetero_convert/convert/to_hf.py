@@ -26,6 +26,7 @@ from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer,
 from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
     read_description, read_plan
 from ..mappings import TensorMapping, bind
+from ..megatron.compat import INTEGRITY_FILE, read_integrity_manifest
 from .common import ErrorSink, Summary, check_finite, parse_size
 
 
@@ -82,12 +83,21 @@ class ToHFJob:
     direction = "megatron-to-hf"
 
     def __init__(self, megatron_dir, out_dir, max_shard_size, dtype, strict: bool,
-                 progress: Callable[[int], None] | None, tokenizer_from=None, schema: str | None = None):
+                 progress: Callable[[int], None] | None, tokenizer_from=None, schema: str | None = None,
+                 verify_integrity: bool = True):
         self.strict, self.progress = strict, progress
         self.want = dtypes.parse(dtype, keep=True)
         self.it_dir = iteration_dir(megatron_dir)
-        self.plan = export_schema(read_plan(self.it_dir), schema)  # the config schema written (auto: the source's)
         self.reader = DCPReader(self.it_dir)
+        notes: list[str] = []
+        # the config schema written (auto: the source's)
+        self.plan = export_schema(read_plan(self.it_dir, self.reader, notes), schema)
+        self.reader.view_stacked_layers(self.plan.num_layers)  # a homogeneous run's layers, seen per layer
+        # megatron's optional integrity.json: {file name: sha256}, checked (by the driver) before the commit
+        manifest = read_integrity_manifest(self.it_dir)
+        self.integrity = manifest if verify_integrity else None
+        if manifest is not None and not verify_integrity:
+            notes.append(f"{self.it_dir / INTEGRITY_FILE}: not verified (verify_integrity=False)")
         self.maps = bind(self.plan)
         self.description = read_description(self.it_dir) or {}
         check_megatron_keys(self.reader, self.maps, self.description or None, self.plan)
@@ -98,7 +108,31 @@ class ToHFJob:
         self.generation_config = carried / GENERATION_CONFIG
         self.shard_layout, self.shards = plan_hf_shards(self.maps, self.dtype_of, parse_size(max_shard_size))
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
+        for note in notes:
+            self.sink.warn(note)
         self.lock = threading.Lock()
+
+    def integrity_files(self) -> list[Path]:
+        """The files integrity.json lists that exist (a listed file that is missing fails `check_integrity`)."""
+        return [self.it_dir / n for n in (self.integrity or {}) if (self.it_dir / n).is_file()]
+
+    def check_integrity(self, digests: dict[str, str]) -> int:
+        """Compare the sha256 of the listed files with integrity.json (as megatron's own verification does:
+        files it does not list are not checked); ConversionError naming each file that differs or is missing.
+        Returns the number of files checked."""
+        if self.integrity is None:
+            return 0
+        problems = []
+        for name, want in self.integrity.items():
+            got = digests.get(name)
+            if got is None:
+                problems.append(f"{name}: listed in {INTEGRITY_FILE}, missing from the folder")
+            elif got != want:
+                problems.append(f"{name}: sha256 {got[:16]}..., {INTEGRITY_FILE} says {want[:16]}...")
+        if problems:
+            raise ConversionError(f"{self.it_dir}: {len(problems)} file(s) differ from {INTEGRITY_FILE}, nothing "
+                                  f"written:\n  - " + "\n  - ".join(problems[:50]))
+        return len(self.integrity)
 
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.stored[m.megatron].properties.dtype

@@ -23,9 +23,10 @@ from ..io.hf_reader import HFCheckpoint
 from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
 from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, HF_FILES_DIR, ITERATION_DIR, \
-    write_description, write_megatron_files
+    common_state, write_description, write_megatron_files
 from ..layout import require_layout
 from ..mappings import TensorMapping, bind, ignored_hf_key
+from ..megatron.compat import COMMON_STATE, COMMON_STATE_KEY, common_forms, common_state_payload
 from ..plan import load_config, load_plan
 from .common import ErrorSink, Summary, check_finite
 
@@ -69,18 +70,41 @@ def megatron_write_items(maps: list[TensorMapping], tp: int, pp: int,
     return items, lookup
 
 
+def add_common_state_item(items: list[list], target: str) -> tuple[str, ...]:
+    """The common-state forms for a `--megatron-core` target; when they include 0.19's common_state object, its
+    write item goes to rank 0's items (in a megatron save rank 0 writes it, as the main replica)."""
+    forms = common_forms(target)
+    if COMMON_STATE in forms:
+        items[0].append(bytes_item(COMMON_STATE_KEY, 0))
+    return forms
+
+
+def common_state_group(group: list):
+    """(item, payload) of a group holding the common_state object, else None."""
+    if len(group) == 1 and group[0].index.fqn == COMMON_STATE_KEY:
+        return group[0], common_state_payload(common_state())
+    return None
+
+
 class TensorGroups:
     """The write items of a Megatron checkpoint grouped by tensor (its chunks, then its extra-state objects),
-    in model order, with the rank each item belongs to: a group is produced from one read of its source."""
+    in model order, with the rank each item belongs to: a group is produced from one read of its source. An
+    object no tensor owns (the common_state object) is a group of its own, after the tensors."""
 
     def __init__(self, maps: list[TensorMapping], items_per_rank: list[list]):
         self.rank = {id(it): r for r, items in enumerate(items_per_rank) for it in items}
         by_tensor: dict[str, list] = {m.megatron: [] for m in maps}
         owner = {f"{k}/shard_0_1": m.megatron for m in maps for k in m.extra_state}
+        alone: list[list] = []
         for items in items_per_rank:
             for it in items:
-                by_tensor[it.index.fqn if it.type.name != "BYTE_IO" else owner[it.index.fqn]].append(it)
-        self.groups = [by_tensor[m.megatron] for m in maps]
+                if it.type.name != "BYTE_IO":
+                    by_tensor[it.index.fqn].append(it)
+                elif it.index.fqn in owner:
+                    by_tensor[owner[it.index.fqn]].append(it)
+                else:
+                    alone.append([it])
+        self.groups = [by_tensor[m.megatron] for m in maps] + alone
 
     def rank_of(self, item) -> int:
         return self.rank[id(item)]
@@ -98,9 +122,10 @@ class ToMegatronJob:
     direction = "hf-to-megatron"
 
     def __init__(self, hf_dir: Path, out_dir: Path, tp: int, pp: int, dtype, strict: bool,
-                 progress: Callable[[int], None] | None):
+                 progress: Callable[[int], None] | None, megatron_core: str = "any"):
         self.hf_dir, self.tp, self.pp, self.strict, self.progress = Path(hf_dir), tp, pp, strict, progress
         self.want = dtypes.parse(dtype, keep=True)
+        common_forms(megatron_core)  # an unknown target is refused before any read
         self.config = load_config(hf_dir)
         self.plan = load_plan(self.config)
         require_layout(self.plan, tp, pp)
@@ -109,6 +134,7 @@ class ToMegatronJob:
         check_hf_sources(self.ckpt, self.maps)
         self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
         self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
+        self.common_forms = add_common_state_item(self.items, megatron_core)
         self.grouped = TensorGroups(self.maps, self.items)
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(hf_dir), str(out_dir))
         self.counter = threading.Lock()
@@ -126,6 +152,10 @@ class ToMegatronJob:
         """(item, data) for every item of one tensor's group. A source that cannot be read, or NaN/Inf under
         `strict`, is recorded and zeros are written, so the rank's files complete and the job then fails
         naming every problem (they are checked before the commit)."""
+        alone = common_state_group(group)
+        if alone is not None:
+            yield alone
+            return
         chunked = [it for it in group if it.type.name != "BYTE_IO"]
         m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
         chunks = [self.lookup[(it.index.fqn, tuple(it.index.offset))][1] for it in chunked]
@@ -165,14 +195,14 @@ class ToMegatronJob:
 
     def write_description(self, root: Path, checksums: dict) -> None:
         """Everything but the data files: the source's tokenizer and generation config, the description,
-        common.pt, metadata.json (last) and the tracker."""
+        common.pt (unless the target is 0.19 alone), metadata.json (last) and the tracker."""
         it_dir = Path(root) / ITERATION_DIR
         carried = carry_files(self.hf_dir, it_dir / HF_FILES_DIR) if (
             has_tokenizer(self.hf_dir) or (self.hf_dir / GENERATION_CONFIG).is_file()) else []
         desc = self.description(checksums)
         desc["hf_files"] = {"dir": HF_FILES_DIR, "files": carried, "from": str(self.hf_dir)}
         write_description(it_dir, desc)
-        write_megatron_files(Path(root))
+        write_megatron_files(Path(root), forms=self.common_forms)
 
     def finish_summary(self, t0: float, files: int) -> Summary:
         s = self.summary

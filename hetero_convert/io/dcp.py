@@ -11,7 +11,8 @@ every tensor of a data file referenced until the file is finished, so a rank's w
 Reading: `DCPReader` loads one key at a time (the whole global tensor, assembled from whatever chunks it was
 saved in). Nothing of an input checkpoint is trusted: `.metadata` is unpickled with an allow-list and its
 structure checked once (see `safe_pickle`), and each chunk is read from its own byte range and checked
-against it, dtype and shape, before it lands in the tensor.
+against it, dtype and shape, before it lands in the tensor. A homogeneous model's stacked layers
+(`decoder.layers.X` [L, ...]) can be seen as per-layer tensors, each read from its own layer's chunks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ from .safe_pickle import (
     load_dcp_metadata,
     weights_only_reason,
 )
+
+
+# megatron's per-layer keys are LAYERS_PREFIX + "{i}." + the module's; a homogeneous model's stacked ones
+# LAYERS_PREFIX + the module's (see DCPReader.view_stacked_layers).
+LAYERS_PREFIX = "decoder.layers."
 
 
 def tensor_item(key: str, global_shape, offsets, sizes, dtype: torch.dtype) -> WriteItem:
@@ -262,15 +268,56 @@ class DCPReader:
             raise FileNotFoundError(f"{self.path}: no .metadata: not a torch.distributed.checkpoint directory")
         self.metadata = load_dcp_metadata(self.path / METADATA_FILE)
         self._sizes: dict[str, int | None] = {}
+        self._views: dict[str, tuple[str, int, TensorStorageMetadata]] = {}  # see view_stacked_layers
+
+    def view_stacked_layers(self, num_layers: int) -> int:
+        """See a homogeneous model's stacked layers as the per-layer tensors a heterogeneous checkpoint has.
+
+        megatron's TransformerBlock saves per-layer keys `decoder.layers.{i}.X` only for heterogeneous layers;
+        a homogeneous model (a Megatron-LM Llama run) is saved as one entry per module, `decoder.layers.X`, with
+        a leading axis over all the model's layers (each layer of each rank its own [1, ...] chunk). After this
+        call such an entry (leading dimension `num_layers`) is listed and loaded as `decoder.layers.{i}.X`,
+        reading only the chunks of layer i, each checked as any other chunk. Returns the entries so seen."""
+        self._views.clear()
+        stacked = 0
+        entries = self.metadata.state_dict_metadata
+        for key, md in entries.items():
+            if not isinstance(md, TensorStorageMetadata) or not key.startswith(LAYERS_PREFIX):
+                continue
+            rest = key[len(LAYERS_PREFIX):]
+            if rest.split(".", 1)[0].isdigit() or not md.size or md.size[0] != num_layers:
+                continue
+            stacked += 1
+            for i in range(num_layers):
+                view = f"{LAYERS_PREFIX}{i}.{rest}"
+                if view in entries:
+                    raise CheckpointError(f"{self.path / METADATA_FILE}: {quoted(view)} is stored both on its own "
+                                          f"and in the stacked {quoted(key)}")
+                chunks = [ChunkStorageMetadata(offsets=torch.Size(c.offsets[1:]), sizes=torch.Size(c.sizes[1:]))
+                          for c in md.chunks if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+                self._views[view] = (key, i, TensorStorageMetadata(properties=md.properties,
+                                                                   size=torch.Size(md.size[1:]), chunks=chunks))
+        return stacked
+
+    @property
+    def stacked(self) -> bool:
+        """Whether any stacked layer entry is being viewed per layer (see view_stacked_layers)."""
+        return bool(self._views)
 
     def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
-        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        sources = {src for src, _, _ in self._views.values()}
+        out = {k: v for k, v in self.metadata.state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata) and k not in sources}
+        out.update({view: md for view, (_, _, md) in self._views.items()})
+        return out
 
     def object_keys(self) -> list[str]:
         return [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
     def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor `key` (assembled from its chunks), in `dtype` if given, else as stored."""
+        if key in self._views:
+            return self._load_layer(key, dtype)
         md = self.metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
             raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
@@ -285,8 +332,26 @@ class DCPReader:
             del part
         return out
 
-    def tensor_bytes(self, key: str) -> int:
+    def _load_layer(self, view: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """Layer i of a stacked entry, from the chunks that hold layer i (megatron writes one per layer and TP
+        rank, so this reads just that layer's bytes)."""
+        key, i, vmd = self._views[view]
         md = self.metadata.state_dict_metadata[key]
+        chunks = [c for c in md.chunks if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+        self._check_bytes_present(key, md, chunks)
+        if len(chunks) == 1 and chunks[0].sizes[0] == 1 and tuple(chunks[0].sizes[1:]) == tuple(vmd.size) \
+                and dtype in (None, md.properties.dtype):
+            return self._read_chunk(key, md, chunks[0])[0]
+        out = torch.empty(tuple(vmd.size), dtype=dtype or md.properties.dtype)
+        for chunk in chunks:
+            part = self._read_chunk(key, md, chunk)
+            out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets[1:], chunk.sizes[1:]))].copy_(
+                part[i - chunk.offsets[0]])
+            del part
+        return out
+
+    def tensor_bytes(self, key: str) -> int:
+        md = self._views[key][2] if key in self._views else self.metadata.state_dict_metadata[key]
         n = md.properties.dtype.itemsize
         for d in md.size:
             n *= d
@@ -319,12 +384,15 @@ class DCPReader:
             elif info.offset + info.length > sizes[name]:
                 out.setdefault(index.fqn, f"{name} is truncated: {sizes[name]} bytes, the chunk at offset "
                                           f"{list(index.offset or [])} needs bytes up to {info.offset + info.length}")
+        for view, (key, _, _) in self._views.items():  # a stacked entry's problem is each of its layers'
+            if key in out:
+                out[view] = out[key]
         return out
 
-    def _check_bytes_present(self, key: str, md: TensorStorageMetadata) -> None:
-        """Before allocating the tensor: every chunk's record is inside its data file (a short file would
-        otherwise be found only after a tensor of the claimed size was allocated)."""
-        for chunk in md.chunks:
+    def _check_bytes_present(self, key: str, md: TensorStorageMetadata, chunks=None) -> None:
+        """Before allocating the tensor: every chunk's record (of `chunks`, default all) is inside its data
+        file (a short file would otherwise be found only after a tensor of the claimed size was allocated)."""
+        for chunk in md.chunks if chunks is None else chunks:
             info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
             name = info.relative_path
             if name not in self._sizes:
@@ -387,26 +455,3 @@ class DCPReader:
         except Exception as e:
             raise CheckpointError(f"{where}: stored with transforms {list(descriptors)}, which cannot be undone "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
-
-
-COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron-core >= 0.19: ShardedObject("common_state", ...)
-
-
-def read_common_state(it_dir: str | Path) -> dict | None:
-    """What a Megatron save keeps beside the model's tensors (`iteration`, `checkpoint_version`, a training
-    run's `args`): `common.pt` (megatron-core <= 0.18), else the `common_state` object inside the DCP data
-    (0.19), else None. Read with torch.load(weights_only=True) and the allow-list of `load_common`."""
-    it_dir = Path(it_dir)
-    if (it_dir / "common.pt").is_file():
-        return load_common(it_dir / "common.pt")
-    if not (it_dir / METADATA_FILE).is_file():
-        return None
-    reader = DCPReader(it_dir)
-    if COMMON_STATE_KEY not in reader.object_keys():
-        return None
-    loaded = reader.load_object(COMMON_STATE_KEY)
-    # megatron saves the dict wrapped in a one-element list (its ShardedObject payload)
-    if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
-        raise CheckpointError(f"{it_dir / METADATA_FILE}: {quoted(COMMON_STATE_KEY)} holds a {type(loaded).__name__}, "
-                              f"not megatron's one-element list of a dict")
-    return loaded[0]

@@ -1,9 +1,11 @@
 """megatron-core on a CPU-only host: the patches, applied only inside `cpu_patches()` and undone on exit.
 
-megatron-core 0.16.1 assumes a GPU in a few places that a CPU-only forward still reaches. Each patch is
-the smallest change that makes one of them run, and none changes arithmetic. Each was checked to be
-necessary by leaving it out: without 1, 3 the forward fails; without 2, the save; without 4, a PP>1
-forward; without 5, building a tied-embedding model at PP>1.
+megatron-core (every supported version, 0.16.1 .. 0.19.x) assumes a GPU in a few places that a CPU-only
+forward still reaches. Each patch is the smallest change that makes one of them run, and none changes
+arithmetic. Each was checked to be necessary by leaving it out, under 0.16.1 and under 0.19.2: without 1, 3
+the forward fails; without 2, the save; without 4, a PP>1 forward; without 5, building a tied-embedding model
+at PP>1. The same five apply, unchanged, to every supported version: `compat.CPU_PATCHES` names them (the one
+place a version that needs another set would say so), and `_apply` applies exactly those.
 
 1. `torch.cuda.current_device()` returns `torch.device("cpu")`. megatron allocates with
    `device=torch.cuda.current_device()` all over: the global memory buffer attention uses for its score
@@ -43,9 +45,11 @@ import types
 
 import torch
 
+from .compat import CPU_PATCHES
+
 _LOCK = threading.Lock()
 _DEPTH = 0
-_SAVED: dict = {}
+_SAVED: dict = {}  # patch name -> (owner, attribute, original value)
 
 
 class _CpuTorchForSchedules(types.ModuleType):
@@ -79,32 +83,35 @@ def _setup_on_cpu(setup):
     return setup_on_cpu
 
 
-def _apply() -> None:
+def _patches() -> dict:
+    """name -> (owner, attribute, replacement): the patches of the module docstring, numbered as there."""
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
-    _SAVED.update(current_device=torch.cuda.current_device, synchronize=torch.cuda.synchronize,
-                  fork=mcore_random.CudaRNGStatesTracker.fork, schedules_torch=schedules.torch,
-                  setup=LanguageModule.setup_embeddings_and_output_layer)
     cpu = torch.device("cpu")
-    torch.cuda.current_device = lambda: cpu  # 1
-    torch.cuda.synchronize = lambda device=None: None  # 2
-    mcore_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()  # 3
-    schedules.torch = _CpuTorchForSchedules(_SAVED["schedules_torch"])  # 4
-    LanguageModule.setup_embeddings_and_output_layer = _setup_on_cpu(_SAVED["setup"])  # 5
+    return {
+        "current_device": (torch.cuda, "current_device", lambda: cpu),  # 1
+        "synchronize": (torch.cuda, "synchronize", lambda device=None: None),  # 2
+        "rng_fork": (mcore_random.CudaRNGStatesTracker, "fork",
+                     lambda self, name=None: contextlib.nullcontext()),  # 3
+        "schedules_cuda_zeros": (schedules, "torch", _CpuTorchForSchedules(schedules.torch)),  # 4
+        "embedding_setup_cuda": (LanguageModule, "setup_embeddings_and_output_layer",
+                                 _setup_on_cpu(LanguageModule.setup_embeddings_and_output_layer)),  # 5
+    }
+
+
+def _apply() -> None:
+    patches = _patches()
+    for name in CPU_PATCHES:
+        owner, attr, replacement = patches[name]
+        _SAVED[name] = (owner, attr, getattr(owner, attr))
+        setattr(owner, attr, replacement)
 
 
 def _restore() -> None:
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-    from megatron.core.pipeline_parallel import schedules
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    torch.cuda.current_device = _SAVED["current_device"]
-    torch.cuda.synchronize = _SAVED["synchronize"]
-    mcore_random.CudaRNGStatesTracker.fork = _SAVED["fork"]
-    schedules.torch = _SAVED["schedules_torch"]
-    LanguageModule.setup_embeddings_and_output_layer = _SAVED["setup"]
+    for owner, attr, original in _SAVED.values():
+        setattr(owner, attr, original)
     _SAVED.clear()
 
 
