@@ -165,7 +165,7 @@ def write_dcp(path, tensors: dict, chunking: dict):
             yield it, tensors[it.index.fqn][region].clone()
 
     results = write_groups(path, [[it] for it in items], produce, lambda it: 0)
-    finish_metadata(path, [items], [results])
+    finish_metadata(path, [items], results)
 
 
 def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
