@@ -4,6 +4,7 @@ The public API (docs/api.md has runnable examples):
 
     load_plan, check_layout                 config.json -> per-layer plan; which TP/PP layouts it allows
     hf_to_megatron, megatron_to_hf          streaming conversions (any TP/PP; under torchrun, split over ranks)
+    megatron_to_megatron                    a Megatron checkpoint re-chunked for another TP/PP, not through HF
     plan_conversion                         who does what in a conversion over N processes, from a config alone
     verify                                  HF model vs megatron-core's GPTModel on the same tokens
     prune                                   a smaller heterogeneous model chosen by measurement
@@ -94,6 +95,19 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, max_shard_s
                 schema=schema, verify_integrity=verify_integrity)
 
 
+def megatron_to_megatron(megatron_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                         dtype: "torch.dtype | None" = None, workers: int = 1, overwrite: bool = False,
+                         strict: bool = False, progress: ProgressCallback | None = None,
+                         distributed: bool | None = None, megatron_core: str = "any") -> "Summary":
+    """A Megatron torch_dist checkpoint (ours, or a training run's, at any TP/PP) re-chunked for (tp, pp) without
+    going through HF: the same files `hf_to_megatron` at that layout writes from the same weights. A homogeneous
+    run's stacked layers come out per layer. Options as for `hf_to_megatron`."""
+    from .convert import megatron_to_megatron as _run
+
+    return _run(megatron_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
+                strict=strict, progress=progress, distributed=distributed, megatron_core=megatron_core)
+
+
 def plan_conversion(path: str | Path, processes: int, *, tp: int = 1, pp: int = 1,
                     direction: str = "hf-to-megatron", dtype: "torch.dtype | None" = None,
                     max_shard_size: str | int = "5GB") -> dict:
@@ -145,4 +159,4 @@ def load_hf_weights(model, plan: "ModelPlan", source) -> list[str]:
 
 __all__ = ["CheckpointError", "ConversionError", "HeteroConvertError", "JobFailed", "LayoutError", "PlanError",
            "ProgressCallback", "PruneError", "VerifyError", "check_layout", "export_hf_weights", "hf_to_megatron",
-           "load_hf_weights", "load_plan", "megatron_to_hf", "plan_conversion", "prune", "verify", "__version__"]
+           "load_hf_weights", "load_plan", "megatron_to_hf", "megatron_to_megatron", "plan_conversion", "prune", "verify", "__version__"]
