@@ -15,6 +15,17 @@ FIXTURES_DIR = REPO / "fixtures"
 RELEASED = FIXTURES_DIR / "released"
 TINY = ["tiny-every-kind", "tiny-tied", "tiny-ultra-kinds", "tiny-llama"]
 
+
+
+def dtype_kwarg(dtype) -> dict:
+    """`from_pretrained`'s dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before (4.51 is
+    the oldest version CI runs, and 5.x warns that `torch_dtype` is deprecated)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 # The test-only torchrun workers (megatron_saver, streaming_worker, failing_cli) are imported by module name.
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))

@@ -28,6 +28,7 @@ from hetero_convert.hf import (
     write_remote_code,
 )
 from hetero_convert.hf.modeling_decilm import compute_inv_freq
+from conftest import dtype_kwarg
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "released")
 
@@ -558,7 +559,7 @@ def test_save_pretrained_round_trip(tmp_path, tie):
     if tie:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
-    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, **dtype_kwarg(torch.bfloat16)).eval()
     with torch.no_grad():
         logits = bf16(ids).logits
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and logits.dtype == torch.float32

@@ -36,6 +36,7 @@ from hetero_convert.pruning.candidates import (
 from hetero_convert.pruning.parent import ParentModel
 from hetero_convert.pruning.scoring import score_all, split_windows
 from hetero_convert.pruning.search import brute_force, layer_cost, model_cost, solve_mckp
+from conftest import dtype_kwarg
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 64,
@@ -119,8 +120,8 @@ def test_keeping_everything_is_the_parent_bit_for_bit(tiny, tmp_path):
     from hetero_convert.hf import DeciLMConfig, DeciLMForCausalLM
 
     config = DeciLMConfig(**parent.plan.hf_config())
-    ref = DeciLMForCausalLM.from_pretrained(tiny, config=config, dtype=torch.float32).eval()
-    got = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ref = DeciLMForCausalLM.from_pretrained(tiny, config=config, **dtype_kwarg(torch.float32)).eval()
+    got = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, **dtype_kwarg(torch.float32)).eval()
     ids = calib_ids(2, 16)
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, got(ids).logits)
@@ -339,7 +340,7 @@ def test_prune_cli_output_loads_converts_and_reuses_scores(tiny, tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, **dtype_kwarg(torch.float32)).eval()
     ids = AutoTokenizer.from_pretrained(out)("def f(x): return x", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits

@@ -31,6 +31,7 @@ from hetero_convert.mappings import bind
 from hetero_convert.megatron.compat import COMMON_STATE_KEY, installed_version, read_common_state
 from hetero_convert.plan import load_plan
 from hetero_convert.resources import shipped_dir
+from conftest import dtype_kwarg
 
 pytestmark = pytest.mark.megatron
 REL_TOL = 1e-5
@@ -63,7 +64,7 @@ def test_training_run_checkpoint_to_hf_reproduces_megatron_logits(tmp_path):
     assert written["block_configs"] == plan.hf_block_configs()
     assert written["vocab_size"] == plan.vocab_size  # megatron's padding to 1024 rows stripped
 
-    model = DeciLMForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    model = DeciLMForCausalLM.from_pretrained(tmp_path / "hf", **dtype_kwarg(torch.float32)).eval()
     with torch.no_grad():
         hf_logits = model(ids).logits
     meg_logits = torch.load(tmp_path / "megatron.pt", weights_only=True)["logits"][..., : plan.vocab_size]
@@ -148,11 +149,11 @@ def test_training_run_with_distributed_optimizer_exports_bit_exactly(tmp_path, k
 
     # Megatron's own logits for the checkpoint (fp32, from the same bf16 weights).
     if hetero:
-        model = DeciLMForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+        model = DeciLMForCausalLM.from_pretrained(tmp_path / "hf", **dtype_kwarg(torch.float32)).eval()
     else:
         from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "hf", **dtype_kwarg(torch.float32)).eval()
     with torch.no_grad():
         hf_logits = model(ids).logits
     meg_logits = torch.load(tmp_path / "megatron.pt", weights_only=True)["logits"][..., : hf_logits.shape[-1]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import restate_description
+from conftest import dtype_kwarg, restate_description
 from safetensors.torch import load_file, save_file
 
 from hetero_convert.convert import hf_to_megatron
@@ -232,7 +232,7 @@ def test_reference_equals_the_whole_hf_model(converted, name):
     ref = reference_forward(src, ids, mask, ("fp64", "fp32", "bf16"))
     keep = mask.bool()
     for d, dt in (("fp64", torch.float64), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_pretrained(str(src), **dtype_kwarg(dt), attn_implementation="sdpa",
                                                      trust_remote_code=False).eval()
         hidden = {}
         for i, layer in enumerate(model.model.layers):
