@@ -9,7 +9,8 @@ from the page cache first, and dirty pages written back):
   hf-to-megatron  at every --tp, every --workers, and under torchrun with every --torchrun process count
   megatron-to-hf  from the checkpoint written at each --tp, likewise
   megatron-to-megatron  (with --reshard) from the TP=1 checkpoint to each other --tp
-  start-up: a whole conversion of a 1 MB checkpoint (the fixed cost: interpreter, imports, teardown)
+  start-up: a whole conversion of a 1 MB checkpoint (the fixed cost: interpreter, imports, teardown), and
+                                     in parts: the interpreter alone, torch's import, the converter's imports
 Peak RSS is the child's ru_maxrss (the largest process of a torchrun job); the memory bound is 512 MiB +
 2 x the largest tensor. The table gives each step's seconds and its ratio to both copy floors.
 
@@ -161,6 +162,11 @@ def main() -> None:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
 
+    # Start-up, in parts (best of 3, warm): the interpreter, torch's import, the converter's imports.
+    for what, code in (("python", "pass"), ("import torch", "import torch"),
+                       ("import the converter", "import hetero_convert.convert.driver, hetero_convert.cli")):
+        best = min(timed_child([sys.executable, "-c", code])[0] for _ in range(3))
+        record({"size_GB": 0, "step": f"start-up part: {what}", "seconds": round(best, 2)})
     # Start-up: the whole run on a ~1 MB checkpoint, both directions.
     tiny = write_random_checkpoint("tiny-llama", work / "startup" / "hf")
     for direction, src in (("hf-to-megatron", tiny), ("megatron-to-hf", work / "startup" / "meg")):

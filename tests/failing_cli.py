@@ -21,7 +21,7 @@ def fail_after(fn):
 
 
 driver.write_groups = fail_after(driver.write_groups)  # hf-to-megatron: after this process's data files
-ToHFJob.write_shards = fail_after(ToHFJob.write_shards)  # megatron-to-hf: after this rank's shards
+ToHFJob.write_tensors = fail_after(ToHFJob.write_tensors)  # megatron-to-hf: after this rank's tensors
 
 if __name__ == "__main__":
     from hetero_convert.cli import app

@@ -385,20 +385,31 @@ def test_megatron_to_hf_disk_full_names_tensor_and_shard(sources, tmp_path, monk
     assert_nothing_written(tmp_path, "back")
 
 
-def test_single_chunk_reads_equal_dcp_load(sources, tmp_path):
-    """DCPReader.load reads a TP=1 tensor straight from its byte range; it must equal DCP's own load, in
-    value, dtype and shape. (Multi-chunk tensors are assembled by DCPReader too: test_safety_parsers compares
-    those with DCP's own load.)"""
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_in_place_reads_equal_dcp_load(sources, tmp_path, monkeypatch, tp, pp):
+    """DCPReader.load reads every chunk's bytes straight into the assembled tensor (row-split chunks as one
+    block, column-split ones row by row); it must equal DCP's own load, in value, dtype and shape, and the
+    torch.load fallback must not be what produced it. (test_safety_parsers also compares multi-chunk tensors
+    with DCP's own load; tests/test_torch_record.py the records the in-place read declines.)"""
     import torch.distributed.checkpoint as dcp
 
-    hf_to_megatron(sources["tiny-ultra-kinds"], tmp_path / "meg")
+    from hetero_convert.io import dcp as dcp_io
+
+    hf_to_megatron(sources["tiny-ultra-kinds"], tmp_path / "meg", tp=tp, pp=pp)
     reader = DCPReader(tmp_path / "meg" / "release")
+    monkeypatch.setattr(dcp_io, "_MIN_RUN_BYTES", 0)  # the tiny model's column chunks are narrow
+    fallbacks = []
+    real = DCPReader._read_chunk
+    monkeypatch.setattr(DCPReader, "_read_chunk", lambda self, key, *a: fallbacks.append(key) or real(self, key, *a))
+    split = 0
     for key, md in reader.tensor_keys().items():
-        assert reader._load_single_chunk(key, md) is not None, key  # the fast path is the one taken
+        split += len(md.chunks) > 1
         ours = reader.load(key)
         theirs = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
         dcp.load(theirs, storage_reader=dcp.FileSystemReader(str(reader.path)), no_dist=True)
         assert ours.dtype == theirs[key].dtype and torch.equal(ours, theirs[key]), key
+    assert fallbacks == []
+    assert split > 0 if tp > 1 else split == 0
 
 
 def test_not_a_megatron_checkpoint(tmp_path):

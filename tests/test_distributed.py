@@ -121,6 +121,20 @@ def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_distributed_export_shares_one_shard_between_processes(sources, tmp_path):
+    """megatron-to-hf's unit of work is a Megatron tensor, not a shard: with the whole model in one
+    safetensors file, every process still writes its share of the bytes (balanced), into that one file."""
+    src = sources["tiny-ultra-kinds"]
+    hf_to_megatron(src, tmp_path / "meg", tp=2)
+    megatron_to_hf(tmp_path / "meg", tmp_path / "one")
+    r = torchrun(3, "megatron-to-hf", tmp_path / "meg", tmp_path / "three", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    shares = json.loads(r.stdout)["layout"]["bytes_written_per_process"]
+    assert len(shares) == 3 and min(shares) > 0.5 * max(shares)
+    assert [p.name for p in (tmp_path / "three").glob("*.safetensors")] == ["model.safetensors"]
+    assert_same_tree(tmp_path / "one", tmp_path / "three")
+
+
 @pytest.mark.parametrize("direction,fail_rank", [("hf-to-megatron", 1), ("megatron-to-hf", 0)])
 def test_a_failed_rank_fails_the_job_and_leaves_nothing(sources, tmp_path, direction, fail_rank):
     src = sources["tiny-every-kind"]

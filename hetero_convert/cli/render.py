@@ -101,26 +101,12 @@ def print_plan_conversion(d: dict) -> None:
     for col in ("rank", "assigned", "reads", "writes"):
         t.add_column(col, justify="left" if col == "assigned" else "right")
     for r in d["per_rank"]:
-        what = f"shards {_ranges(r['shards'])}" if "shards" in r else f"{r['tensors']} tensors, all their chunks"
+        what = f"{r['tensors']} tensors" + (", all their chunks" if d["direction"] == "hf-to-megatron" else "")
         t.add_row(str(r["rank"]), what, human_bytes(r["read_bytes"]), human_bytes(r["write_bytes"]))
     console.print(t)
     console.print(f"total: reads {human_bytes(d['total_read_bytes'])}, writes {human_bytes(d['total_write_bytes'])} "
                   f"({d['source_dtype']} -> {d['output_dtype']}); busiest process / mean = {d['max_over_mean']:.2f}",
                   highlight=False)
-    if d["direction"] == "megatron-to-hf" and d["max_over_mean"] > 1.2:
-        console.print("(a whole shard is the unit of work here: a smaller --max-shard-size balances finer)")
-
-
-def _ranges(xs: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5': a 512-rank assignment stays one line."""
-    out, start = [], None
-    for k, x in enumerate(xs):
-        if start is None:
-            start = x
-        if k + 1 == len(xs) or xs[k + 1] != x + 1:
-            out.append(f"{start}-{x}" if x != start else f"{x}")
-            start = None
-    return ",".join(out) or "-"
 
 
 def print_prune_report(r: dict, out: Path) -> None:

@@ -5,7 +5,8 @@ assignment that every process computes identically (so no plan has to be sent ar
     their source) go to processes; each chunk is appended to a file of its Megatron rank, `__{rank}_{k}.distcp`
     (k per writer thread), or `__{rank}_p{p}_{k}.distcp` when several processes write (DCP finds data through
     `.metadata`, never by file name; a rank's files hold only that rank's chunks).
-  megatron-to-hf: whole safetensors shards go to processes.
+  megatron-to-hf: whole Megatron tensors go to processes; each writes its tensors' HF tensors at their planned
+    offsets into the shard files the first process created (so many processes can share one 5 GB shard).
 `plan_conversion` answers the same question from a config alone, for `hetero-convert plan-convert`.
 """
 
@@ -37,13 +38,6 @@ def tensor_costs(job) -> list[int]:
         m = maps[chunked[0].index.fqn]
         out.append(job.read_bytes(m) + job.grouped.write_bytes(group))
     return out
-
-
-def hf_shard_costs(shards, megatron_bytes, out_itemsize) -> tuple[list[int], list[int]]:
-    """Bytes read (the stored Megatron tensors) and written (the HF tensors) per safetensors shard."""
-    read = [sum(megatron_bytes(m) for m in shard) for shard in shards]
-    write = [sum(math.prod(s) * out_itemsize(m) for m in shard for s in m.hf_shapes) for shard in shards]
-    return read, write
 
 
 def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: str = "hf-to-megatron",
@@ -82,12 +76,12 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
         stored = {m.megatron: m for m in bind(plan, tp, 1)}  # stored shapes: vocab padded for this TP
         maps = bind(plan)
         _, shards = plan_hf_shards(maps, lambda m: out, parse_size(max_shard_size))
-        read, write = hf_shard_costs(shards, lambda m: math.prod(stored[m.megatron].shape) * src.itemsize,
-                                     lambda m: out.itemsize)
-        report["granularity"] = "safetensors-shard"
+        read = [math.prod(stored[m.megatron].shape) * src.itemsize for m in maps]
+        write = [sum(math.prod(s) for s in m.hf_shapes) * out.itemsize for m in maps]
+        report["granularity"] = "tensor"
         report["shards"] = len(shards)
         for p, picked in enumerate(balance([r + w for r, w in zip(read, write)], processes)):
-            per.append({"rank": p, "shards": [k + 1 for k in picked], "read_bytes": sum(read[k] for k in picked),
+            per.append({"rank": p, "tensors": len(picked), "read_bytes": sum(read[k] for k in picked),
                         "write_bytes": sum(write[k] for k in picked)})
     else:
         raise ConversionError(f"direction must be hf-to-megatron or megatron-to-hf, got {direction!r}")

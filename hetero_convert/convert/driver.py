@@ -30,7 +30,7 @@ from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import HF, MEGATRON, Staging
 from ..launch import job_store, world as launch_world
 from ..packing import balance
-from .assign import hf_shard_costs, tensor_costs
+from .assign import tensor_costs
 from .common import Summary
 from .reshard import ReshardJob
 from .to_hf import ToHFJob
@@ -124,6 +124,8 @@ def agree(comm: Comm, phase: str, fn, cleanup=None) -> list:
 def _merge_counts(summary: Summary, parts: list[dict]) -> None:
     for key in ("chunks", "bytes_written", "bytes_read"):
         setattr(summary, key, sum(p.get(key, 0) for p in parts))
+    if len(parts) > 1:  # how evenly the work was shared
+        summary.layout["bytes_written_per_process"] = [p.get("bytes_written", 0) for p in parts]
     # the same warning from several processes (a note about the input every process read) is said once
     summary.warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
 
@@ -223,11 +225,13 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
             nonlocal job, mine, hashed
             job = ToHFJob(megatron_dir, out_dir, max_shard_size, dtype, strict, progress, tokenizer_from, schema,
                           verify_integrity)
-            read, write = hf_shard_costs(job.shards, job.stored_bytes, lambda m: job.dtype_of(m).itemsize)
-            mine = balance([r + w for r, w in zip(read, write)], comm.world)[comm.rank]
+            mine = balance(job.tensor_costs(), comm.world)[comm.rank]
             listed = job.integrity_files()
             hashed = [listed[i] for i in balance([p.stat().st_size for p in listed], comm.world)[comm.rank]]
-            return str(stage.begin()) if comm.rank == 0 else None
+            if comm.rank != 0:
+                return None
+            job.create_files(stage.begin())  # before any process writes into them: the agreement waits for it
+            return str(stage.tmp)
 
         tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
         if hasattr(progress, "set_total"):  # a progress bar learns the total once the checkpoint has been read
@@ -236,7 +240,7 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
         def work():
             hashes = FileHashes(hashed)  # on background threads, while this process converts its share
             try:
-                job.write_shards(tmp, mine, workers)
+                job.write_tensors(tmp, mine, workers)
                 job.sink.raise_if_any()
                 sums = hashes.results(hashed)
             finally:

@@ -126,5 +126,5 @@ class ReshardJob:
         s.tensors = len(self.maps)
         s.warnings = self.sink.warnings
         s.seconds = time.time() - t0
-        s.layout = {"tp": self.tp, "pp": self.pp, "files": files}
+        s.layout.update(tp=self.tp, pp=self.pp, files=files)
         return s

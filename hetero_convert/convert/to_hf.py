@@ -1,9 +1,9 @@
 """Megatron torch_dist -> HF safetensors: the job every process of a conversion builds the same way.
 
 description (ours, or a training run's args) -> plan -> every stored key checked against the plan (before
-anything is written) -> safetensors shards planned from the plan (names, dtypes, shapes) -> one Megatron tensor
+anything is written) -> safetensors shards planned from the plan (names, dtypes, shapes) and created -> one Megatron tensor
 at a time loaded whole, at whatever TP it was saved, cut into its HF tensors, each written at its planned
-offset -> index, config.json with regenerated block_configs, remote code, tokenizer.
+offset (by whichever process the tensor went to) -> index, config.json with regenerated block_configs, remote code, tokenizer.
 """
 
 from __future__ import annotations
@@ -178,16 +178,28 @@ class ToHFJob:
         with self.lock:
             self.summary.bytes_read += full.numel() * full.element_size()
 
-    def write_shards(self, tmp: Path, shards: list[int], workers: int) -> None:
-        """Write the given shards, `workers` tensors at a time across them (a 1 GB model is one shard, so
-        parallelism by shard alone would leave it single-threaded); each tensor lands at its planned offset."""
-        # A tensor being loaded costs twice its size (DCP's loaded chunk + the assembled tensor), so the
-        # tensors in flight are capped at the largest one's size: peak ~ 2 x largest whatever --workers is.
+    def create_files(self, tmp: Path) -> None:
+        """Every shard file, header written, at its final size (one process, before any writes its share)."""
+        ShardedWriter.create_files(tmp, self.shard_layout)
+
+    def tensor_costs(self) -> list[int]:
+        """Bytes read and written per Megatron tensor: the unit of work of a job over several processes."""
+        return [self.stored_bytes(m) + sum(math.prod(s) for s in m.hf_shapes) * self.dtype_of(m).itemsize
+                for m in self.maps]
+
+    def write_tensors(self, tmp: Path, picked: list[int], workers: int) -> None:
+        """Write the Megatron tensors `picked` (indices into the mappings) as their HF tensors into the shard
+        files `create_files` made, `workers` tensors at a time, each at its planned offset: the processes of a
+        job share the files, each with its own tensors (a 16 GB model is four 5 GB shards, which would leave
+        eight processes half idle)."""
+        # A tensor being loaded costs about its size plus its HF outputs, so the tensors in flight are capped at
+        # the largest one's size: peak ~ 2 x largest whatever --workers is.
         budget = ByteBudget(max(self.stored_bytes(m) for m in self.maps)) if workers > 1 else None
-        writer = ShardedWriter(tmp, self.shard_layout, open_shards=shards)
+        writer = ShardedWriter(tmp, self.shard_layout, tensors={k for i in picked for k in self.maps[i].hf},
+                               create=False)
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
-            futures = [pool.submit(self.write_tensor, m, writer, budget) for k in shards for m in self.shards[k]]
+            futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget) for i in picked]
             # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:
@@ -202,7 +214,7 @@ class ToHFJob:
     def write_metadata(self, tmp: Path) -> None:
         """Everything but the shards: the index (when sharded), config.json, generation config, remote code,
         and the tokenizer (given, or carried from the HF source); a missing tokenizer is a warning."""
-        ShardedWriter(tmp, self.shard_layout, open_shards=[]).write_index()
+        ShardedWriter(tmp, self.shard_layout, tensors=set()).write_index()
         out_dtype = self.want or self.stored[self.maps[0].megatron].properties.dtype
         source_config = (self.description.get("source") or {}).get("source_config")
         write_config(tmp, self.plan, out_dtype, source_config)
@@ -217,5 +229,5 @@ class ToHFJob:
         self.summary.tensors = sum(len(m.hf) for m in self.maps)
         self.summary.warnings = self.sink.warnings
         self.summary.seconds = time.time() - t0
-        self.summary.layout = {"shards": len(self.shards)}
+        self.summary.layout.update(shards=len(self.shards))
         return self.summary

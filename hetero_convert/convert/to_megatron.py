@@ -210,5 +210,5 @@ class ToMegatronJob:
         s.bytes_read = sum(self.ckpt.tensors[k].nbytes for m in self.maps for k in m.hf)
         s.warnings = self.sink.warnings
         s.seconds = time.time() - t0
-        s.layout = {"tp": self.tp, "pp": self.pp, "files": files}
+        s.layout.update(tp=self.tp, pp=self.pp, files=files)
         return s

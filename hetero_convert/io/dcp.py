@@ -36,6 +36,7 @@ from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMeta
 from ..errors import ConversionError
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
+from .torch_record import tensor_span
 from .safe_pickle import (
     METADATA_FILE,
     UnsafePickleError,
@@ -200,6 +201,52 @@ def extra_state_payload() -> io.BytesIO:
     return buf
 
 
+_IOV_MAX = 1024  # Linux's limit on buffers per preadv
+_MIN_RUN_BYTES = 512  # narrower column chunks cost more in syscall buffers than the copy they save
+_MAX_RUNS = 1 << 20
+
+
+def _runs(size: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+          itemsize: int) -> tuple[list[int], int] | None:
+    """The chunk at `offsets`/`sizes` of a contiguous tensor of `size`, as the element offsets of its
+    contiguous runs, in the chunk's own (row-major) order, and their common length; None when the chunk is
+    empty or cut into too many or too narrow runs."""
+    split = max((d for d in range(len(size)) if sizes[d] != size[d]), default=-1)
+    length, count = 1, 1
+    for d, n in enumerate(sizes):
+        if d >= max(split, 0):
+            length *= n
+        else:
+            count *= n
+    if length == 0 or count > _MAX_RUNS or (count > 1 and length * itemsize < _MIN_RUN_BYTES):
+        return None
+    strides = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        strides[d] = strides[d + 1] * size[d + 1]
+    starts = [sum(o * s for o, s in zip(offsets, strides))]
+    for d in range(split - 1, -1, -1):  # every index of the dimensions before the last split one, last fastest
+        if sizes[d] > 1:
+            starts = [s + i * strides[d] for i in range(sizes[d]) for s in starts]
+    return starts, length
+
+
+def _fill(f, views: list, at: int, done: int) -> bool:
+    """Finish a short preadv: the rest of `views` from offset `at` + `done`. False if the file ends first."""
+    for v in views:
+        if done >= len(v):
+            done -= len(v)
+            at += len(v)
+            continue
+        while done < len(v):
+            got = os.preadv(f.fileno(), [v[done:]], at + done)
+            if got <= 0:
+                return False
+            done += got
+        at += len(v)
+        done = 0
+    return True
+
+
 class _FileRange(io.RawIOBase):
     """bytes [offset, offset + length) of an unbuffered file, as a seekable stream of its own. It has
     `readinto`, which torch.load uses to read each record straight into the tensor's storage."""
@@ -322,11 +369,10 @@ class DCPReader:
         if not isinstance(md, TensorStorageMetadata):
             raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
         self._check_bytes_present(key, md)
-        whole = self._load_single_chunk(key, md) if dtype in (None, md.properties.dtype) else None
-        if whole is not None:
-            return whole
         out = torch.empty(tuple(md.size), dtype=dtype or md.properties.dtype)
         for chunk in md.chunks:
+            if out.dtype == md.properties.dtype and self._read_in_place(key, md, chunk, out):
+                continue
             part = self._read_chunk(key, md, chunk)
             out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))].copy_(part)
             del part
@@ -405,14 +451,38 @@ class DCPReader:
                                       f"{list(chunk.offsets)} needs bytes up to {info.offset + info.length}, the "
                                       f"file has {self._sizes[name]}")
 
-    def _load_single_chunk(self, key: str, md: TensorStorageMetadata) -> torch.Tensor | None:
-        """A tensor saved as one chunk (TP=1), torch.load-ed straight from its byte range, or None.
+    def _read_in_place(self, key: str, md: TensorStorageMetadata, chunk, out: torch.Tensor) -> bool:
+        """Read one chunk's bytes straight into its place in `out` (contiguous, of the stored dtype): one read
+        when the chunk is a contiguous block of `out` (a whole tensor, a row-split TP chunk), else one
+        scattered read per 1024 rows (a column-split chunk: each row a run of `out`). False, with nothing
+        read, when the record is not the plain tensor torch writes (see `torch_record.tensor_span`) or the
+        runs are too small to be worth it; the caller then torch.loads it.
 
-        DCP's own load would read the same record, then copy it into a preallocated tensor: a second copy
-        (and a second fresh allocation) of every byte, which this path skips."""
-        if len(md.chunks) != 1 or tuple(md.chunks[0].sizes) != tuple(md.size):
-            return None
-        return self._read_chunk(key, md, md.chunks[0])
+        DCP's own load, and torch.load, would read each chunk into a fresh tensor and then copy it into the
+        assembled one: a second allocation and copy of every byte, which this skips."""
+        if getattr(self.metadata.storage_data[MetadataIndex(key, chunk.offsets)], "transform_descriptors", None):
+            return False
+        runs = _runs(tuple(md.size), tuple(chunk.offsets), tuple(chunk.sizes), out.element_size())
+        if runs is None:
+            return False
+        info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
+        item = out.element_size()
+        with open(self.path / info.relative_path, "rb", buffering=0) as f:
+            span = tensor_span(_FileRange(f, info.offset, info.length), md.properties.dtype, tuple(chunk.sizes))
+            if span is None:
+                return False
+            memory = memoryview(out.view(-1).view(torch.uint8).numpy())
+            at, (starts, length) = info.offset + span.offset, runs
+            for first in range(0, len(starts), _IOV_MAX):
+                views = [memory[s * item:(s + length) * item] for s in starts[first:first + _IOV_MAX]]
+                want = sum(len(v) for v in views)
+                got = os.preadv(f.fileno(), views, at)
+                if got != want:  # a regular file reads short only at its end: it shrank since it was checked
+                    if got <= 0 or not _fill(f, views, at, got):
+                        raise CheckpointError(f"{where}: the file ends inside the chunk's data")
+                at += want
+        return True
 
     def _read_chunk(self, key: str, md: TensorStorageMetadata, chunk) -> torch.Tensor:
         """One chunk, from its record (torch.load, weights_only), checked against `.metadata`."""

@@ -51,23 +51,37 @@ def plan_shards(units: list[list[TensorSpec]], max_bytes: int) -> list[list[Tens
 
 
 class ShardedWriter:
-    """The safetensors files of a planned checkpoint. `open_shards` (default: all) are created now; a
-    distributed job opens each process's own. `write(key, tensor)` puts a tensor in its shard (thread-safe,
-    each key once); `close()` fails unless every tensor of the open shards was written; `write_index()` (one
-    process) records which file holds which key."""
+    """The safetensors files of a planned checkpoint. By default every file is created now and every tensor
+    is to be written here; with `tensors`, only those (a process's share of a distributed job), into files
+    `create_files` made beforehand (`create=False`) or made now. `write(key, tensor)` puts a tensor in its
+    shard (thread-safe, each key once); `close()` fails unless every tensor this writer was to write was
+    written; `write_index()` (one process) records which file holds which key."""
 
-    def __init__(self, out_dir: str | Path, shards: list[list[TensorSpec]], open_shards: list[int] | None = None):
+    def __init__(self, out_dir: str | Path, shards: list[list[TensorSpec]], tensors: set[str] | None = None,
+                 create: bool = True):
         self.out_dir = Path(out_dir)
         self.shards = shards
         self.names = shard_names(len(shards))
         self.file_of = {key: k for k, shard in enumerate(shards) for key, _, _ in shard}
         self.writers: dict[int, StreamingSafetensorsWriter] = {}
+        unknown = set(tensors or ()) - set(self.file_of)
+        if unknown:
+            raise ValueError(f"tensor '{min(unknown)}' is not planned for this checkpoint")
+        picked = range(len(shards)) if tensors is None else sorted({self.file_of[k] for k in tensors})
         try:
-            for k in (range(len(shards)) if open_shards is None else open_shards):
-                self.writers[k] = StreamingSafetensorsWriter(self.out_dir / self.names[k], shards[k])
+            for k in picked:
+                expect = None if tensors is None else {key for key, _, _ in shards[k] if key in tensors}
+                self.writers[k] = StreamingSafetensorsWriter(self.out_dir / self.names[k], shards[k], create=create,
+                                                             expect=expect)
         except BaseException:
             self.abort()
             raise
+
+    @staticmethod
+    def create_files(out_dir: str | Path, shards: list[list[TensorSpec]]) -> None:
+        """Every shard file, its header written and its size final, for the processes that then fill it."""
+        for name, shard in zip(shard_names(len(shards)), shards):
+            StreamingSafetensorsWriter(Path(out_dir) / name, shard, expect=set()).close()
 
     def writer_of(self, key: str) -> StreamingSafetensorsWriter:
         if key not in self.file_of:

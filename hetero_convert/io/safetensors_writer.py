@@ -22,12 +22,15 @@ from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
 
 class StreamingSafetensorsWriter:
     """A safetensors file whose header is written first and whose tensors are then written, each once, at
-    their planned offsets, in any order and from any number of threads (positional writes, no shared file
-    position). `close()` fails unless every planned tensor was written, so a file with a hole never passes
-    for complete."""
+    their planned offsets, in any order and from any number of threads or processes (positional writes, no
+    shared file position). `close()` fails unless every tensor this writer was to write was written, so a
+    file with a hole never passes for complete."""
 
     def __init__(self, path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, create: bool = True, expect: set[str] | None = None):
+        """`create`: make the file (header written, size set to its final length); False: open the file another
+        process created from the same layout. `expect`: the tensors this writer must write (default all):
+        the processes of one job may share a file, each writing its own tensors."""
         self.path = Path(path)
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -43,19 +46,32 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         self.data_start = 8 + len(raw)
         self.data_bytes = offset
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if create else os.O_WRONLY
+        self.fd = os.open(self.path, flags, 0o644)
         try:
-            self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+            if create:
+                self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
+                os.ftruncate(self.fd, self.data_start + self.data_bytes)
+            elif os.fstat(self.fd).st_size != self.data_start + self.data_bytes:
+                raise ValueError(f"{self.path.name}: {os.fstat(self.fd).st_size} bytes, not the "
+                                 f"{self.data_start + self.data_bytes} its layout gives")
         except BaseException:
             os.close(self.fd)
             raise
-        self.pending = set(self.layout)  # not yet written completely
+        unknown = set(expect or ()) - set(self.layout)
+        if unknown:
+            os.close(self.fd)
+            raise ValueError(f"{self.path.name}: tensor '{min(unknown)}' is not planned for this file")
+        self.expect = None if expect is None else set(expect)
+        self.pending = set(self.layout) if expect is None else set(expect)  # not yet written completely
         self.claimed: set[str] = set()  # being written or written: a second write is refused
         self.lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.layout:
             raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
+        if self.expect is not None and name not in self.expect:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is another process's to write")
         dtype, shape, offset = self.layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path.name}: tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "

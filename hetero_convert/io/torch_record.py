@@ -1,0 +1,138 @@
+"""Where a torch.save record keeps a tensor's bytes, so a reader can put them straight where they belong.
+
+DCP stores every chunk as one torch.save record: a zip archive whose members are stored uncompressed.
+`<prefix>/data.pkl` is a small pickle that rebuilds the tensor (`torch._utils._rebuild_tensor_v2` called with
+a storage, an offset, the shape and the strides), `<prefix>/data/<key>` holds that storage's raw bytes and
+`<prefix>/byteorder` says in which byte order. torch.load reads a record into a fresh tensor; assembling a
+TP-sharded weight from eight such tensors then allocates and copies every byte a second time.
+
+`tensor_span` finds the byte range of the tensor's data when the record is the plain case torch's writers
+produce for a chunk: one tensor of the expected dtype and shape, at storage offset 0, contiguous, its storage
+exactly its size, little-endian, stored uncompressed. Then those bytes, read as they are, are what torch.load
+would return. For anything else it answers None and the caller uses torch.load (weights_only) as before.
+
+data.pkl is untrusted: it is read by an unpickler that knows the four globals such a record names, calls
+only stand-ins of our own (never a torch function), and gives up on anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from typing import NamedTuple
+
+import torch
+
+MAX_PICKLE_BYTES = 1 << 16  # one tensor's data.pkl is ~160 bytes
+_STORAGE_DTYPES = {
+    "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16, "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64, "ByteStorage": torch.uint8, "CharStorage": torch.int8,
+    "ShortStorage": torch.int16, "IntStorage": torch.int32, "LongStorage": torch.int64, "BoolStorage": torch.bool,
+}
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+class Span(NamedTuple):
+    """The tensor's data: `nbytes` bytes at `offset` of the record."""
+
+    offset: int
+    nbytes: int
+
+
+class _NotPlain(Exception):
+    pass
+
+
+class _StorageType(NamedTuple):
+    dtype: torch.dtype
+
+
+class _Storage(NamedTuple):
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+class _Tensor(NamedTuple):
+    storage: _Storage
+    offset: int
+    size: tuple
+    stride: tuple
+
+
+def _rebuild(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """Stands in for torch._utils._rebuild_tensor_v2: records its arguments, builds nothing."""
+    if type(storage) is not _Storage or backward_hooks or metadata:
+        raise _NotPlain
+    return _Tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _empty_hooks():
+    """Stands in for collections.OrderedDict, called with no arguments for the (empty) backward hooks."""
+    return {}
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if (module, name) == ("collections", "OrderedDict"):
+            return _empty_hooks
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise _NotPlain
+
+    def persistent_load(self, pid):
+        if (type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage" or type(pid[1]) is not _StorageType
+                or type(pid[2]) is not str or type(pid[4]) is not int):
+            raise _NotPlain
+        return _Storage(pid[1].dtype, pid[2], pid[4])
+
+
+def _contiguous(size: tuple, stride: tuple) -> bool:
+    expected = 1
+    for n, s in zip(reversed(size), reversed(stride)):
+        if n > 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def tensor_span(record: io.RawIOBase, dtype: torch.dtype, shape: tuple[int, ...]) -> Span | None:
+    """The span of `record` (a torch.save archive, seekable) holding a plain tensor of `dtype` and `shape`,
+    or None when the record is anything else (torch.load then decides what it holds)."""
+    try:
+        with zipfile.ZipFile(record) as z:
+            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
+                return None
+            prefix = pickles[0].filename[: -len("data.pkl")]
+            t = _RecordUnpickler(io.BytesIO(z.read(pickles[0])), fix_imports=False).load()
+            if type(t) is not _Tensor or t.storage.dtype != dtype or t.size != tuple(shape) or t.offset != 0:
+                return None
+            numel = 1
+            for n in shape:
+                numel *= n
+            if t.storage.numel != numel or not _contiguous(t.size, t.stride):
+                return None
+            names = set(z.namelist())
+            if f"{prefix}byteorder" in names and z.read(f"{prefix}byteorder") != b"little":
+                return None
+            info = z.getinfo(f"{prefix}data/{t.storage.key}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * dtype.itemsize:
+                return None
+        record.seek(info.header_offset)
+        head = record.read(_LOCAL_HEADER.size)
+        if len(head) != _LOCAL_HEADER.size:
+            return None
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if signature != _LOCAL_SIGNATURE or start + info.file_size > record.seek(0, io.SEEK_END):
+            return None
+        return Span(start, info.file_size)
+    except (_NotPlain, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, RecursionError, OverflowError, struct.error, MemoryError):
+        return None
