@@ -930,3 +930,19 @@ def test_0_19_common_state_object_is_read_without_common_pt(tmp_path):
 def test_genuine_metadata_equals_plain_pickle(megatron_ckpt):
     it = megatron_ckpt[1] / "release"
     assert load_dcp_metadata(it / ".metadata") == pickle.loads((it / ".metadata").read_bytes())
+
+
+def test_a_metadata_frame_longer_than_its_bytes_is_refused_as_plain_pickle_refuses_it(tmp_path):
+    """Protocol-4 pickles are framed; a frame header that claims more bytes than follow is "truncated" to
+    the C unpickler DCP uses. pickle's Python unpickler, on which the allow-list is built, would read on and
+    rebuild a different Metadata (found by test_property_dcp_metadata flipping one bit of the length)."""
+    md, _, _ = build_dcp(tmp_path, [(torch.float32, [], 1, 0)], seed=1)
+    raw = bytearray(pickle.dumps(md, protocol=4))
+    assert raw[2] == pickle.FRAME[0]
+    raw[3:11] = (int.from_bytes(raw[3:11], "little") + 1024).to_bytes(8, "little")
+    (tmp_path / ".metadata").write_bytes(bytes(raw))
+    with pytest.raises(pickle.UnpicklingError, match="truncated"):
+        pickle.loads(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused: the pickle declares a frame of \d+ bytes "
+                                              r"where \d+ remain \(truncated\)"):
+        DCPReader(tmp_path)

@@ -179,7 +179,7 @@ class ToHFJob:
             self.summary.bytes_read += full.numel() * full.element_size()
 
     def create_files(self, tmp: Path) -> None:
-        """Every shard file, header written, at its final size (one process, before any writes its share)."""
+        """Every shard file with its header (one process, before any process writes its share)."""
         ShardedWriter.create_files(tmp, self.shard_layout)
 
     def tensor_costs(self) -> list[int]:

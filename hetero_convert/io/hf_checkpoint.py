@@ -79,7 +79,7 @@ class ShardedWriter:
 
     @staticmethod
     def create_files(out_dir: str | Path, shards: list[list[TensorSpec]]) -> None:
-        """Every shard file, its header written and its size final, for the processes that then fill it."""
+        """Every shard file with its header, for the processes that then write their tensors into it."""
         for name, shard in zip(shard_names(len(shards)), shards):
             StreamingSafetensorsWriter(Path(out_dir) / name, shard, expect=set()).close()
 

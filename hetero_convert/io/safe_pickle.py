@@ -264,8 +264,19 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise _Refused(f"adds items to a {_short(type(target).__name__, 80)}, not a {kind.__name__}")
         return target
 
+    def _load_frame(self):
+        """As pickle's own, but a frame must hold the bytes its header declares: the C unpickler (plain
+        `pickle.load`, what DCP uses) refuses a short one as truncated; the Python one would read on."""
+        size = int.from_bytes(self.read(8), "little")
+        if size > MAX_METADATA_BYTES:
+            raise _Refused(f"declares a frame of {size} bytes, more than any DCP metadata file")
+        self._unframer.load_frame(size)
+        frame = self._unframer.current_frame
+        if frame is not None and len(frame.getbuffer()) != size:
+            raise _Refused(f"declares a frame of {size} bytes where {len(frame.getbuffer())} remain (truncated)")
+
     for _op, _fn in (
-        (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj), (pickle.NEWOBJ_EX, _load_newobj_ex),
+        (pickle.FRAME, _load_frame), (pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj), (pickle.NEWOBJ_EX, _load_newobj_ex),
         (pickle.BUILD, _load_build), (pickle.APPEND, _load_append), (pickle.APPENDS, _load_appends),
         (pickle.SETITEM, _load_setitem), (pickle.SETITEMS, _load_setitems), (pickle.ADDITEMS, _load_additems),
     ):

@@ -20,6 +20,14 @@ import torch
 from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
 
 
+def _read_head(path: Path, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, 0)
+    finally:
+        os.close(fd)
+
+
 class StreamingSafetensorsWriter:
     """A safetensors file whose header is written first and whose tensors are then written, each once, at
     their planned offsets, in any order and from any number of threads or processes (positional writes, no
@@ -28,8 +36,8 @@ class StreamingSafetensorsWriter:
 
     def __init__(self, path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, create: bool = True, expect: set[str] | None = None):
-        """`create`: make the file (header written, size set to its final length); False: open the file another
-        process created from the same layout. `expect`: the tensors this writer must write (default all):
+        """`create`: make the file and write its header; False: open the file another process created from
+        the same layout (its header is checked). `expect`: the tensors this writer must write (default all):
         the processes of one job may share a file, each writing its own tensors."""
         self.path = Path(path)
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
@@ -49,12 +57,11 @@ class StreamingSafetensorsWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if create else os.O_WRONLY
         self.fd = os.open(self.path, flags, 0o644)
         try:
+            head = struct.pack("<Q", len(raw)) + raw
             if create:
-                self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
-                os.ftruncate(self.fd, self.data_start + self.data_bytes)
-            elif os.fstat(self.fd).st_size != self.data_start + self.data_bytes:
-                raise ValueError(f"{self.path.name}: {os.fstat(self.fd).st_size} bytes, not the "
-                                 f"{self.data_start + self.data_bytes} its layout gives")
+                self._pwrite(head, 0)
+            elif _read_head(self.path, len(head)) != head:  # made by another process: from the same plan?
+                raise ValueError(f"{self.path.name}: its header is not the one this layout gives")
         except BaseException:
             os.close(self.fd)
             raise
