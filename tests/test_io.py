@@ -218,3 +218,39 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
         f.truncate(info.offset)
     missing = fresh.missing_bytes()
     assert {f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(L)} <= set(missing)
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path):
+    """ReadAhead (run while torch is imported) reads what it is given, at most `limit` bytes in all, skips
+    files that vanished, and stop() ends it between blocks."""
+    import time
+
+    from hetero_convert.cli.process import share_of
+    from hetero_convert.io.read_ahead import BLOCK, ReadAhead
+
+    files = []
+    for k, size in enumerate([3 * BLOCK + 5, BLOCK // 2, 0, 2 * BLOCK]):
+        files.append(tmp_path / f"f{k}")
+        files[-1].write_bytes(bytes(size))
+    total = sum(f.stat().st_size for f in files)
+
+    def finished(ahead):
+        for t in ahead._threads:
+            t.join(timeout=30)
+        return ahead.bytes_read
+
+    assert finished(ReadAhead(files + [tmp_path / "missing"], limit=10 * BLOCK, threads=3)) == total
+    assert finished(ReadAhead(files, limit=BLOCK + 7, threads=2)) == BLOCK + 7
+    before = _rchar()
+    ahead = ReadAhead(files, limit=total, threads=1)
+    ahead.stop()
+    time.sleep(0.2)
+    assert ahead.bytes_read <= BLOCK and _rchar() - before <= BLOCK + 4096
+    # Under torchrun, each process reads its own share: by bytes, disjoint, all of them together.
+    shares = [share_of(files, r, 3) for r in range(3)]
+    assert sorted(p for s in shares for p in s) == [f for f in files if f.is_file()]

@@ -166,21 +166,26 @@ def hf_to_megatron_cmd(
         require_layout(load_plan(hf_dir), tp, pp)
     except HeteroConvertError as e:
         fail(str(e))
+    from .process import read_ahead_share
+
     env = world()
-    # Hash the source (and so read it from disk) while torch and DCP are being imported: that start-up takes
-    # ~1.7 s on one core. Under torchrun each process hashes its own share instead (convert/driver.py).
+    # Hash the source (and so read it from disk) while torch and DCP are being imported, seconds in which the
+    # disk would be idle. Under torchrun each process hashes its own share after the import (convert/driver.py),
+    # and reads that share ahead meanwhile.
     single = not distributed and env.size == 1
     try:
-        names = shard_files(hf_dir)[1] if single else []
+        names = shard_files(hf_dir)[1]
     except HeteroConvertError:
         names = []  # reported, with the rest of the checks, by the converter
-    hashes = FileHashes(hf_dir / n for n in names)
+    hashes = FileHashes(hf_dir / n for n in (names if single else []))
+    ahead = read_ahead_share([] if single else [hf_dir / n for n in names], env.rank, env.size)
     from ..convert import hf_to_megatron
     from ..io.quantized import open_checkpoint
     from .process import settle_process_for_streaming
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    ahead.stop()
     try:
         total = open_checkpoint(hf_dir).total_bytes()  # a quantized checkpoint: its dequantized size
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
@@ -216,12 +221,25 @@ def megatron_to_hf_cmd(
 ):
     """Convert a Megatron torch_dist checkpoint (any TP/PP; ours, or a training run's iteration folder saved by
     megatron-core 0.16 .. 0.19) into a HF checkpoint, streaming; optimizer, RNG and scheduler state are not read."""
+    from ..io.megatron_checkpoint import DESCRIPTION_FILE, iteration_dir
+    from .process import read_ahead_share
+
+    env = world()
+    # Read this process's share of the data files while torch is imported (see hf-to-megatron); only in our
+    # own checkpoints, whose data files hold the model alone (a training run's are mostly optimizer state,
+    # which the export never reads).
+    try:
+        it = iteration_dir(megatron_dir)
+        files = sorted(it.glob("*.distcp")) if (it / DESCRIPTION_FILE).is_file() else []
+    except (HeteroConvertError, OSError):
+        files = []  # reported by the converter
+    ahead = read_ahead_share(files, env.rank, env.size)
     from ..convert import megatron_to_hf
     from .process import settle_process_for_streaming
     from .progress import Progress
 
-    env = world()
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    ahead.stop()
     try:
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
