@@ -91,7 +91,7 @@ def test_big_endian_and_compressed_records_are_left_to_torch_load():
     assert tensor_span(io.BytesIO(out.getvalue()), torch.float32, (3,)) is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.data())
 def test_a_corrupted_record_is_never_misread(data):
     """Any bytes of a record changed: either the span is still the untouched data (its bytes equal the

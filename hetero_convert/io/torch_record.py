@@ -31,8 +31,10 @@ _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64, "ByteStorage": torch.uint8, "CharStorage": torch.int8,
     "ShortStorage": torch.int16, "IntStorage": torch.int32, "LongStorage": torch.int64, "BoolStorage": torch.bool,
 }
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
+# signature, version, flags, method, time, date, crc32, compressed size, size, name length, extra length
+_LOCAL_HEADER = struct.Struct("<4s2xHH8xLLHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+_NEXT_SIGNATURES = (b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08", b"PK\x06\x06", b"PK\x05\x06")
 
 
 class Span(NamedTuple):
@@ -128,11 +130,19 @@ def tensor_span(record: io.RawIOBase, dtype: torch.dtype, shape: tuple[int, ...]
         head = record.read(_LOCAL_HEADER.size)
         if len(head) != _LOCAL_HEADER.size:
             return None
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+        signature, flags, method, csize, usize, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+        sizes = (info.file_size, 0xFFFFFFFF) + ((0,) if flags & 0x08 else ())  # 0: in a data descriptor after it
         start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        if signature != _LOCAL_SIGNATURE or start + info.file_size > record.seek(0, io.SEEK_END):
+        # The local header must name this member and agree with the directory, and the data must end where the
+        # next zip structure begins: any other bytes would not be the ones torch.load reads.
+        if (signature != _LOCAL_SIGNATURE or method != zipfile.ZIP_STORED
+                or record.read(name_len) != info.orig_filename.encode()
+                or csize not in sizes or usize not in sizes
+                or start + info.file_size > record.seek(0, io.SEEK_END)):
+            return None
+        record.seek(start + info.file_size)
+        if record.read(4) not in _NEXT_SIGNATURES:
             return None
         return Span(start, info.file_size)
-    except (_NotPlain, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            AttributeError, IndexError, RecursionError, OverflowError, struct.error, MemoryError):
+    except Exception:  # noqa: BLE001 - any malformed record is torch.load's to judge (and refuse)
         return None
