@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--torchrun-workers", type=int, default=2, help="--workers of each torchrun process")
     ap.add_argument("--copy-procs", type=int, default=8, help="processes of the parallel-copy floor")
     ap.add_argument("--reshard", action="store_true", help="also time megatron-to-megatron from TP=1")
+    ap.add_argument("--no-checksums", action="store_true", help="hf-to-megatron without hashing the source")
     ap.add_argument("--compare-with", default=None, metavar="DIR",
                     help="a source tree of another version (its hetero_convert/, mappings/, fixtures/): also time its "
                          "hf-to-megatron and megatron-to-hf at each --tp with the largest --workers")
@@ -217,16 +218,19 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
 
         megs = {}
+        nohash = ["--no-checksums"] if args.no_checksums else []
+        tag = " no checksums" if args.no_checksums else ""
         for tp in ints(args.tp):
             megs[tp] = root / f"meg-tp{tp}"
             for k, w in enumerate(ints(args.workers)):
-                step(f"hf-to-megatron TP={tp} workers={w}", cli + ["hf-to-megatron", str(src), str(megs[tp] if k == 0
-                     else root / "out"), "--tp", str(tp), "--workers", str(w), "--json"], src,
+                step(f"hf-to-megatron TP={tp} workers={w}{tag}", cli + ["hf-to-megatron", str(src), str(megs[tp]
+                     if k == 0 else root / "out"), "--tp", str(tp), "--workers", str(w), "--json", *nohash], src,
                      megs[tp] if k == 0 else root / "out", keep=k == 0)
             for n in ints(args.torchrun):
-                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
+                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={args.torchrun_workers}){tag}",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron", str(src),
-                                 str(root / "out"), "--tp", str(tp), "--workers", str(args.torchrun_workers)],
+                                 str(root / "out"), "--tp", str(tp), "--workers", str(args.torchrun_workers),
+                                 *nohash],
                      src, root / "out")
         for tp in ints(args.tp):
             for w in ints(args.workers):

@@ -132,6 +132,26 @@ def test_megatron_layout_matches_a_megatron_run(sources, tmp_path):
                                              for p in src.glob("*.safetensors")}
 
 
+def test_cli_records_source_hashes_unless_told_not_to(sources, tmp_path):
+    """The CLI hashes the source while torch is imported (its own FileHashes, handed to the converter);
+    --no-checksums records none, and the checkpoint is otherwise the same."""
+    import hashlib
+    import subprocess
+    import sys
+
+    src = sources["tiny-tied"]
+    for flag, out in (([], "with"), (["--no-checksums"], "without")):
+        r = subprocess.run([sys.executable, "-m", "hetero_convert.cli", "hf-to-megatron", str(src), str(tmp_path / out),
+                            "--json", *flag], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    desc = {k: json.loads((tmp_path / k / "release" / "hetero_convert.json").read_text()) for k in ("with", "without")}
+    assert desc["with"]["source"]["file_sha256"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                                     for p in src.glob("*.safetensors")}
+    assert not desc["without"]["source"].get("file_sha256")
+    ra, rb = DCPReader(tmp_path / "with" / "release"), DCPReader(tmp_path / "without" / "release")
+    assert all(torch.equal(ra.load(k), rb.load(k)) for k in ra.tensor_keys())
+
+
 def test_dtype_conversion_and_back(sources, tmp_path):
     src = sources["tiny-tied"]
     hf_to_megatron(src, tmp_path / "meg", dtype="fp32")
