@@ -460,14 +460,12 @@ class DCPReader:
 
         DCP's own load, and torch.load, would read each chunk into a fresh tensor and then copy it into the
         assembled one: a second allocation and copy of every byte, which this skips."""
-        if getattr(self.metadata.storage_data[MetadataIndex(key, chunk.offsets)], "transform_descriptors", None):
-            return False
-        runs = _runs(tuple(md.size), tuple(chunk.offsets), tuple(chunk.sizes), out.element_size())
-        if runs is None:
-            return False
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-        where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
         item = out.element_size()
+        runs = _runs(tuple(md.size), tuple(chunk.offsets), tuple(chunk.sizes), item)
+        if runs is None or getattr(info, "transform_descriptors", None):  # compressed records: torch.load's job
+            return False
+        where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
         with open(self.path / info.relative_path, "rb", buffering=0) as f:
             span = tensor_span(_FileRange(f, info.offset, info.length), md.properties.dtype, tuple(chunk.sizes))
             if span is None:
