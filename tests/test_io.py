@@ -220,17 +220,11 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
     assert {f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(L)} <= set(missing)
 
 
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
-
-def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path):
-    """ReadAhead (run while torch is imported) reads what it is given, at most `limit` bytes in all, skips
-    files that vanished, and stop() ends it between blocks."""
-    import time
-
+def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path, monkeypatch):
+    """ReadAhead (run while torch is imported) reads what it is given, exactly `limit` bytes in all when that
+    is less, skips files that vanished, and after stop() starts no further read."""
     from hetero_convert.cli.process import share_of
+    from hetero_convert.io import read_ahead
     from hetero_convert.io.read_ahead import BLOCK, ReadAhead
 
     files = []
@@ -242,15 +236,28 @@ def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path):
     def finished(ahead):
         for t in ahead._threads:
             t.join(timeout=30)
+            assert not t.is_alive()
         return ahead.bytes_read
 
     assert finished(ReadAhead(files + [tmp_path / "missing"], limit=10 * BLOCK, threads=3)) == total
-    assert finished(ReadAhead(files, limit=BLOCK + 7, threads=2)) == BLOCK + 7
-    before = _rchar()
+    for threads in (1, 2, 4):
+        assert finished(ReadAhead(files, limit=BLOCK + 7, threads=threads)) == BLOCK + 7
+
+    reads, gate = [], threading.Event()
+    real = read_ahead._read_block
+
+    def held(fd, buf, at):  # the first read waits until the test has called stop()
+        reads.append(at)
+        gate.wait(30)
+        return real(fd, buf, at)
+
+    monkeypatch.setattr(read_ahead, "_read_block", held)
     ahead = ReadAhead(files, limit=total, threads=1)
+    while not reads:
+        gate.wait(0.01)
     ahead.stop()
-    time.sleep(0.2)
-    assert ahead.bytes_read <= BLOCK and _rchar() - before <= BLOCK + 4096
+    gate.set()
+    assert finished(ahead) == BLOCK and len(reads) == 1
     # Under torchrun, each process reads its own share: by bytes, disjoint, all of them together.
     shares = [share_of(files, r, 3) for r in range(3)]
     assert sorted(p for s in shares for p in s) == [f for f in files if f.is_file()]

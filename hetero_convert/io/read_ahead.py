@@ -31,6 +31,10 @@ def available_memory() -> int:
     return 0
 
 
+def _read_block(fd: int, buf: memoryview, at: int) -> int:
+    return os.preadv(fd, [buf], at)
+
+
 class ReadAhead:
     """Read `paths` on background threads (daemons) until `stop()`, the end of the files, or `limit` bytes
     (default: a quarter of the available memory) in all. Read errors are ignored: the conversion reads the
@@ -66,14 +70,15 @@ class ReadAhead:
             except OSError:
                 continue
             try:
-                at = 0
-                while not self._stopped.is_set():
-                    want = self._take(BLOCK)
+                at, size = 0, os.fstat(fd).st_size
+                while at < size and not self._stopped.is_set():
+                    want = self._take(min(BLOCK, size - at))
                     if want == 0:
                         return
-                    got = os.preadv(fd, [memoryview(buf)[:want]], at)
+                    got = _read_block(fd, memoryview(buf)[:want], at)
                     with self._lock:
                         self.bytes_read += got
+                        self._left += want - got  # a file that shrank: the rest of the allowance is not spent
                     if got < want:
                         break
                     at += got
