@@ -203,16 +203,24 @@ def read_config_file(path: Path) -> dict:
         raise _plan_error(f"{path}: cannot be read ({e.strerror or e})") from None
     if raw is None:
         raise _plan_error(f"{path}: {size} bytes, more than any config.json ({MAX_CONFIG_BYTES})")
+    return parse_config_text(raw, str(path))
+
+
+def parse_config_text(raw: str | bytes, where: str) -> dict:
+    """A config's JSON text (a file's, or the one a training run keeps in its args) as a dict, with the
+    checks of `read_config_file`; PlanError naming `where` otherwise."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _plan_error(f"{where}: {len(raw)} bytes, more than any config.json ({MAX_CONFIG_BYTES})")
     try:
-        cfg = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        cfg = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw, object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
-        raise _plan_error(f"{path}: the key {_show(e.args[0])} appears twice in one object") from None
+        raise _plan_error(f"{where}: the key {_show(e.args[0])} appears twice in one object") from None
     except RecursionError:
-        raise _plan_error(f"{path}: not valid JSON (nested too deeply)") from None
+        raise _plan_error(f"{where}: not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise _plan_error(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        raise _plan_error(f"{where}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(cfg, dict):
-        raise _plan_error(f"{path}: a JSON {type(cfg).__name__}, not an object")
+        raise _plan_error(f"{where}: a JSON {type(cfg).__name__}, not an object")
     return cfg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -97,10 +98,17 @@ def test_heterogeneous_run_keeps_its_hf_config():
                               vocab_size=plan.vocab_size, untie_embeddings_and_output_weights=True)
     config, notes = config_from_args(args, WHERE)
     assert load_plan(config).to_json() == plan.to_json() and notes == []
-    for bad, message in (("[1]", "does not hold a JSON object"), ("{", "is not valid JSON")):
+    # The encoded config is checked as a config.json is: one line naming the arg, never a traceback.
+    arg = f"{WHERE}: training arg 'heterogeneous_layers_config_encoded_json'"
+    for bad, message in (("[1]", ": a JSON list, not an object"), ("{", ": not valid JSON \\(Expecting"),
+                         ("[" * 100_000 + "]" * 100_000, ": not valid JSON \\(nested too deeply\\)"),
+                         ('{"hidden_size": 8, "hidden_size": 16}', ': the key "hidden_size" appears twice'),
+                         (b"\xff{}", ": not valid JSON \\('utf-8' codec"),
+                         (7, " is 7, not JSON text")):
         args.heterogeneous_layers_config_encoded_json = bad
-        with pytest.raises(ConversionError, match=message):
+        with pytest.raises(ConversionError) as e:
             config_from_args(args, WHERE)
+        assert re.match(re.escape(arg) + message, str(e.value)) and "\n" not in str(e.value), (bad, str(e.value))
     with pytest.raises(ConversionError, match="'args' is a dict, not a training run's argument namespace"):
         config_from_args({"num_layers": 4}, WHERE)
 

@@ -13,10 +13,10 @@ for its type here, and the rebuilt config goes through the same checks as any co
 
 from __future__ import annotations
 
-import json
 import numbers
 
-from ..errors import ConversionError
+from ..config_checks import parse_config_text
+from ..errors import ConversionError, PlanError
 
 # megatron's llama3 RoPE scaling fixes these (only the factor is an arg): layout.py checks a HF config against
 # the same constants.
@@ -107,12 +107,12 @@ def config_from_args(args, where: str) -> tuple[dict, list[str]]:
 
 def _heterogeneous(a: _Args, encoded) -> tuple[dict, list[str]]:
     name = "heterogeneous_layers_config_encoded_json"
-    try:
-        cfg = json.loads(encoded) if isinstance(encoded, (str, bytes)) else None
-    except ValueError as e:
-        raise ConversionError(f"{a.where}: training arg '{name}' is not valid JSON ({str(e)[:120]})") from None
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"{a.where}: training arg '{name}' does not hold a JSON object")
+    if not isinstance(encoded, (str, bytes)):
+        raise ConversionError(f"{a.where}: training arg '{name}' is {_show(encoded)}, not JSON text")
+    try:  # the config.json the run was given: the same checks as a config file's
+        cfg = parse_config_text(encoded, f"training arg '{name}'")
+    except PlanError as e:
+        raise ConversionError(f"{a.where}: {e}") from None
     notes: list[str] = []
     if "vocab_size" not in cfg:
         cfg["vocab_size"], notes = vocab_size(a)
