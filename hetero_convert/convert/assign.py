@@ -75,7 +75,7 @@ def plan_conversion(path, processes: int, tp: int = 1, pp: int = 1, direction: s
     elif direction == "megatron-to-hf":
         stored = {m.megatron: m for m in bind(plan, tp, 1)}  # stored shapes: vocab padded for this TP
         maps = bind(plan)
-        _, shards = plan_hf_shards(maps, lambda m: out, parse_size(max_shard_size))
+        shards = plan_hf_shards(maps, lambda m: out, parse_size(max_shard_size))
         read = [math.prod(stored[m.megatron].shape) * src.itemsize for m in maps]
         write = [sum(math.prod(s) for s in m.hf_shapes) * out.itemsize for m in maps]
         report["granularity"] = "tensor"

@@ -65,21 +65,14 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], descriptio
 
 
 def plan_hf_shards(maps: list[TensorMapping], dtype_of, max_bytes: int):
-    """(the shards' tensor layouts, the mappings each shard holds). All HF tensors of one Megatron tensor go to
-    the same shard, so a process that writes a shard loads exactly the Megatron tensors of that shard."""
-    layout = plan_shards([[(k, dtype_of(m), s) for k, s in zip(m.hf, m.hf_shapes)] for m in maps], max_bytes)
-    starts = {shard[0][0] for shard in layout}
-    groups: list[list[TensorMapping]] = []
-    for m in maps:
-        if m.hf[0] in starts:
-            groups.append([])
-        groups[-1].append(m)
-    return layout, groups
+    """The shards' tensor layouts. All HF tensors of one Megatron tensor go to the same shard, so the tensor
+    that is loaded once to make them is written into one file."""
+    return plan_shards([[(k, dtype_of(m), s) for k, s in zip(m.hf, m.hf_shapes)] for m in maps], max_bytes)
 
 
 class ToHFJob:
     """megatron_to_hf's inputs, checked, and the safetensors shards to write (each process of a distributed
-    job builds the same job and writes its share of the shards)."""
+    job builds the same job and writes its share of the tensors into the shared shard files)."""
 
     direction = "megatron-to-hf"
 
@@ -107,7 +100,7 @@ class ToHFJob:
         # The tokenizer: the one given, else the one the checkpoint carries from its HF source.
         self.tokenizer_from = Path(tokenizer_from) if tokenizer_from else (carried if has_tokenizer(carried) else None)
         self.generation_config = carried / GENERATION_CONFIG
-        self.shard_layout, self.shards = plan_hf_shards(self.maps, self.dtype_of, parse_size(max_shard_size))
+        self.shard_layout = plan_hf_shards(self.maps, self.dtype_of, parse_size(max_shard_size))
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(megatron_dir), str(out_dir))
         for note in notes:
             self.sink.warn(note)
@@ -230,5 +223,5 @@ class ToHFJob:
         self.summary.tensors = sum(len(m.hf) for m in self.maps)
         self.summary.warnings = self.sink.warnings
         self.summary.seconds = time.time() - t0
-        self.summary.layout.update(shards=len(self.shards))
+        self.summary.layout.update(shards=len(self.shard_layout))
         return self.summary
