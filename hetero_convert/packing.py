@@ -38,3 +38,9 @@ def pack_in_order(items: list, size_of: Callable, max_bytes: int) -> list[list]:
     if cur:
         groups.append(cur)
     return groups
+
+
+def share_of_files(files, rank: int, size: int) -> list:
+    """Process `rank`'s share of the existing `files` among `size` processes, balanced by bytes."""
+    files = [f for f in files if f.is_file()]
+    return [files[i] for i in balance([f.stat().st_size for f in files], size)[rank]] if files else []

@@ -223,7 +223,7 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
 def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path, monkeypatch):
     """ReadAhead (run while torch is imported) reads what it is given, exactly `limit` bytes in all when that
     is less, skips files that vanished, and after stop() starts no further read."""
-    from hetero_convert.cli.process import share_of
+    from hetero_convert.packing import share_of_files
     from hetero_convert.io import read_ahead
     from hetero_convert.io.read_ahead import BLOCK, ReadAhead
 
@@ -259,5 +259,5 @@ def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path, mon
     gate.set()
     assert finished(ahead) == BLOCK and len(reads) == 1
     # Under torchrun, each process reads its own share: by bytes, disjoint, all of them together.
-    shares = [share_of(files, r, 3) for r in range(3)]
+    shares = [share_of_files(files, r, 3) for r in range(3)]
     assert sorted(p for s in shares for p in s) == [f for f in files if f.is_file()]

@@ -42,17 +42,10 @@ def settle_process_for_streaming(workers: int = 1) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * max(1, workers))))
 
 
-def share_of(files, rank: int, size: int) -> list:
-    """This process's share of `files` (the existing ones), split by bytes as the converter splits its work."""
-    from ..packing import balance
-
-    files = [f for f in files if f.is_file()]
-    return [files[i] for i in balance([f.stat().st_size for f in files], size)[rank]] if files else []
-
-
 def read_ahead_share(files, rank: int, size: int):
     """Start reading this process's share of `files` into the page cache: called before torch is imported,
     stopped (`.stop()`) once it is."""
     from ..io.read_ahead import ReadAhead
+    from ..packing import share_of_files
 
-    return ReadAhead(share_of(files, rank, size))
+    return ReadAhead(share_of_files(files, rank, size))

@@ -29,7 +29,7 @@ from ..io.dcp import ByteBudget, finish_metadata, write_groups
 from ..io.megatron_checkpoint import ITERATION_DIR
 from ..io.staging import HF, MEGATRON, Staging
 from ..launch import job_store, world as launch_world
-from ..packing import balance
+from ..packing import balance, share_of_files
 from .assign import tensor_costs
 from .common import Summary
 from .reshard import ReshardJob
@@ -155,7 +155,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
             # The same inputs on every process give the same assignment: nothing to send around.
             mine = balance(tensor_costs(job), comm.world)[comm.rank]
             files = job.ckpt.files()
-            hashed = balance([f.stat().st_size for f in files], comm.world)[comm.rank] if checksums else []
+            hashed = share_of_files(files, comm.rank, comm.world) if checksums else []
             if comm.rank == 0:
                 (stage.begin() / ITERATION_DIR).mkdir()
                 return str(stage.tmp)
@@ -169,7 +169,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
         def work():
             started = checksums if isinstance(checksums, FileHashes) and comm.world == 1 else None
-            hashes = started or FileHashes(files[i] for i in hashed)
+            hashes = started or FileHashes(hashed)
             groups = job.grouped.groups
             try:
                 # A tensor in flight costs its chunks (all of them, for column chunks cut from whole rows).
@@ -179,7 +179,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
                                        file_tag=f"p{comm.rank}_" if comm.world > 1 else "",
                                        budget=ByteBudget(largest) if workers > 1 else None)
                 job.sink.raise_if_any()
-                sums = hashes.results(files[i] for i in hashed)
+                sums = hashes.results(hashed)
             finally:
                 hashes.close()
             return {"results": results, "sha256": sums, "chunks": job.summary.chunks,
@@ -227,7 +227,7 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
                           verify_integrity)
             mine = balance(job.tensor_costs(), comm.world)[comm.rank]
             listed = job.integrity_files()
-            hashed = [listed[i] for i in balance([p.stat().st_size for p in listed], comm.world)[comm.rank]]
+            hashed = share_of_files(listed, comm.rank, comm.world)
             if comm.rank != 0:
                 return None
             job.create_files(stage.begin())  # before any process writes into them: the agreement waits for it
