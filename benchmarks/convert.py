@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,23 +84,83 @@ def evict(source: Path, mode: str) -> str:
     return "source"
 
 
-def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> tuple[float, int]:
-    """Wall seconds (until the output is on disk: the sync is part of the step) and the largest peak RSS
-    (bytes) of the child and its descendants."""
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc/<pid>/task/<tid>/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+class DiskReads:
+    """Bytes a process tree has read from the disk (read_bytes of /proc/<pid>/io: page-cache hits do not count),
+    polled every few milliseconds on a thread: when the first byte came from the disk (start-up, as the converter
+    reads only its source from disk: programs and libraries stay cached) and when nearly all of the source had."""
+
+    def __init__(self, pid: int, t0: float, source_bytes: int):
+        self.pid, self.t0, self.target = pid, t0, 0.99 * source_bytes
+        self.first = self.most = None
+        self._seen: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in _tree(self.pid):
+                try:
+                    with open(f"/proc/{p}/io") as f:
+                        self._seen[p] = max(self._seen.get(p, 0), int(f.read().split("read_bytes:")[1].split()[0]))
+                except (OSError, IndexError, ValueError):
+                    pass
+            total, now = sum(self._seen.values()), time.perf_counter() - self.t0
+            if self.first is None and total > 0:
+                self.first = now
+            if self.most is None and total >= self.target > 0:
+                self.most = now
+            self._stop.wait(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None,
+                source_bytes: int = 0) -> tuple[float, int, dict]:
+    """Wall seconds (until the output is on disk: the sync is part of the step), the largest peak RSS (bytes) of
+    the child and its descendants, and the step's timeline: `exit` (the process's own end), the rest being the
+    sync of what it left in the page cache, and with `source_bytes`, `first_disk_read` (process start to the first
+    byte read from the disk) and `source_read` (to 99% of the source's bytes read from the disk)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    reads = DiskReads(proc.pid, t, source_bytes) if source_bytes else None
     _, status, usage = os.wait4(proc.pid, 0)
+    ended = time.perf_counter() - t
+    if reads:
+        reads.stop()
     os.sync()
     elapsed = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-3000:]}")
+    timeline = {"exit": round(ended, 2)}
+    if reads:
+        timeline.update(first_disk_read=reads.first and round(reads.first, 2),
+                        source_read=reads.most and round(reads.most, 2))
     # Linux reports the largest of the child and of the descendants it reaped (a torchrun job's workers).
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, usage.ru_maxrss * 1024, timeline
 
 
-def parallel_copy(src: Path, dst: Path, procs: int) -> float:
+def parallel_copy(src: Path, dst: Path, procs: int) -> tuple[float, float]:
     """Copy every file of src to dst with `procs` dd processes at once, each a contiguous byte range of the
-    whole (files split where the ranges fall): the same bytes as cp -r, N streams."""
+    whole (files split where the ranges fall): the same bytes as cp -r, N streams. Seconds in all (the sync
+    included) and until the last dd ended."""
     files = sorted(f for f in src.rglob("*") if f.is_file())
     total = sum(f.stat().st_size for f in files)
     per = -(-total // procs)
@@ -121,8 +182,9 @@ def parallel_copy(src: Path, dst: Path, procs: int) -> float:
     with ThreadPoolExecutor(max_workers=procs) as pool:
         for rc in pool.map(lambda c: subprocess.run(c).returncode, jobs):
             assert rc == 0
+    copied = time.perf_counter() - t
     os.sync()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, copied
 
 
 def dir_bytes(p: Path) -> int:
@@ -173,9 +235,10 @@ def main() -> None:
     for direction, src in (("hf-to-megatron", tiny), ("megatron-to-hf", work / "startup" / "meg")):
         out = work / "startup" / ("meg" if direction == "hf-to-megatron" else "back")
         shutil.rmtree(out, ignore_errors=True)
-        secs, rss = timed_child(cli + [direction, str(src), str(out), "--json"])
+        evict(src, "source")
+        secs, rss, timeline = timed_child(cli + [direction, str(src), str(out), "--json"], source_bytes=dir_bytes(src))
         record({"size_GB": 0.001, "step": f"start-up {direction}", "seconds": round(secs, 2),
-                "peak_rss_MiB": round(rss / 2**20)})
+                "peak_rss_MiB": round(rss / 2**20), **timeline})
     shutil.rmtree(work / "startup", ignore_errors=True)
 
     for gb in [float(x) for x in args.sizes.split(",")]:
@@ -191,17 +254,14 @@ def main() -> None:
         print(f"# {size / 1e9:.1f} GB written in {time.perf_counter() - t:.0f}s: hidden {plan.hidden_size}, "
               f"{plan.num_layers} layers", flush=True)
         evicted = evict(src, args.evict)
-        t = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(root / "cp")], check=True)
-        os.sync()
-        cp_s = time.perf_counter() - t
+        cp_s, _, cp_timeline = timed_child(["cp", "-r", str(src), str(root / "cp")], source_bytes=size)
         shutil.rmtree(root / "cp")
         evict(src, args.evict)
-        par_s = parallel_copy(src, root / "pcp", args.copy_procs)
+        par_s, par_copied = parallel_copy(src, root / "pcp", args.copy_procs)
         shutil.rmtree(root / "pcp")
-        record({"size_GB": round(size / 1e9, 2), "step": "cp -r", "seconds": round(cp_s, 2)})
+        record({"size_GB": round(size / 1e9, 2), "step": "cp -r", "seconds": round(cp_s, 2), **cp_timeline})
         record({"size_GB": round(size / 1e9, 2), "step": f"parallel copy x{args.copy_procs}",
-                "seconds": round(par_s, 2)})
+                "seconds": round(par_s, 2), "exit": round(par_copied, 2)})
 
         def step(name: str, cmd: list[str], source: Path, out: Path, keep: bool = False, other: str | None = None):
             shutil.rmtree(out, ignore_errors=True)
@@ -209,8 +269,8 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": "1"} if cmd[:3] == torchrun[:3] else dict(os.environ)
             if other:  # the other version's package first, and not the current directory's
                 env["PYTHONPATH"] = other
-            secs, rss = timed_child(cmd, env=env, cwd=other)
-            record({"size_GB": round(size / 1e9, 2), "step": name, "seconds": round(secs, 2),
+            secs, rss, timeline = timed_child(cmd, env=env, cwd=other, source_bytes=dir_bytes(source))
+            record({"size_GB": round(size / 1e9, 2), "step": name, "seconds": round(secs, 2), **timeline,
                     "vs_cp": round(secs / cp_s, 2), "vs_parallel_copy": round(secs / par_s, 2),
                     "peak_rss_MiB": round(rss / 2**20), "bound_MiB": round(bound / 2**20),
                     "within_bound": rss <= bound, "evicted": evicted})
@@ -260,7 +320,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print()
-    head = ["size_GB", "step", "seconds", "vs_cp", "vs_parallel_copy", "peak_rss_MiB", "bound_MiB", "within_bound"]
+    head = ["size_GB", "step", "seconds", "first_disk_read", "source_read", "exit", "vs_cp", "vs_parallel_copy", "peak_rss_MiB", "bound_MiB", "within_bound"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

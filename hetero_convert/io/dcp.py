@@ -37,6 +37,7 @@ from ..errors import ConversionError
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
 from .torch_record import tensor_span
+from .writeback import SequentialWriteback
 from .safe_pickle import (
     METADATA_FILE,
     UnsafePickleError,
@@ -146,7 +147,7 @@ def write_groups(
     shares = balance(sizes, threads)
 
     def run(t: int, picked: list[int]) -> list[WriteResult]:
-        files: dict[int, object] = {}
+        files: dict[int, tuple[object, SequentialWriteback]] = {}
         results = []
         try:
             for g in picked:
@@ -157,16 +158,25 @@ def write_groups(
                         name = f"__{rank}_{file_tag}{t}.distcp"
                         try:
                             if rank not in files:
-                                files[rank] = open(Path(path) / name, "wb")
-                            results.append(_write_item(files[rank], name, item, data))
+                                f = open(Path(path) / name, "wb")
+                                files[rank] = (f, SequentialWriteback(f.fileno()))
+                            f, written = files[rank]
+                            results.append(_write_item(f, name, item, data))
+                            written.wrote_up_to(f.tell())
                         except (OSError, RuntimeError) as e:  # disk full: torch.save says only "unexpected pos"
                             raise ConversionError(write_failure(Path(path) / name, item.index.fqn, e)) from None
                 finally:
                     if budget:
                         budget.release(held)
         finally:
-            for f in files.values():
-                f.close()
+            for f, written in files.values():
+                try:
+                    f.flush()
+                    written.close(f.tell())
+                except OSError:
+                    pass  # a full disk: the write that hit it has already raised, naming the file
+                finally:
+                    f.close()
         return results
 
     with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
+from .writeback import fsync_dir, fsync_tree
 from .outputs import ANY, HF, MEGATRON, PRUNE, OutputKind, check_output, check_place, entries
 
 __all__ = ["ANY", "HF", "MEGATRON", "PRUNE", "OutputKind", "Staging", "check_output", "check_place",
@@ -289,6 +290,7 @@ class Staging:
         be empty (removed, then the rename refuses if anything appears meanwhile) or, with --overwrite (or
         a kind that reruns in place), pass `check_output` again, once in place and once renamed aside."""
         out, tmp = self.out_dir, self.tmp
+        fsync_tree(tmp)  # on the disk before it has a name a reader would trust
         if os.path.lexists(out):
             if out.is_dir() and not out.is_symlink() and not entries(out):
                 os.rmdir(out)
@@ -302,6 +304,7 @@ class Staging:
             raise ConversionError(f"{out}: appeared while this job ran; it is not replaced, and this job's "
                                   f"output is discarded") from None
         self.committed = True
+        fsync_dir(out.parent)  # the rename itself
 
     def _replace(self, out: Path, tmp: Path) -> None:
         try:
@@ -324,6 +327,7 @@ class Staging:
         except FileExistsError:
             raise ConversionError(f"{out}: appeared again while this job replaced it; the previous output is "
                                   f"kept as {old}, and this job's output is discarded") from None
+        fsync_dir(out.parent)  # the rename itself
         shutil.rmtree(old, ignore_errors=True)
 
     def cleanup(self) -> None:
