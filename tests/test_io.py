@@ -1,8 +1,11 @@
 """The byte-level pieces under the converters: the positional safetensors writer, the NaN/Inf check, the
-source hashes, and DCP's stacked layer entries read per layer."""
+source hashes, DCP's stacked layer entries read per layer, read-ahead, and the output's write-back and fsync."""
 
 import hashlib
+import json
+import os
 import random
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -261,3 +264,77 @@ def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path, mon
     # Under torchrun, each process reads its own share: by bytes, disjoint, all of them together.
     shares = [share_of_files(files, r, 3) for r in range(3)]
     assert sorted(p for s in shares for p in s) == [f for f in files if f.is_file()]
+
+
+def _recorded_writeback(monkeypatch) -> dict[str, list[tuple[int, int]]]:
+    """Record the ranges WRITEBACK hands to the kernel, by file name, instead of handing them over."""
+    from hetero_convert.io.writeback import WRITEBACK
+
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    assert WRITEBACK.handed_over(timeout=30)  # what earlier tests submitted is not recorded here
+
+    def record(fd, start, length, flags):
+        ranges.setdefault(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), []).append((start, start + length))
+        return 0
+
+    monkeypatch.setattr(WRITEBACK, "_fn", record)
+    return ranges
+
+
+def _covered(ranges: list[tuple[int, int]]) -> int:
+    ranges, total, reach = sorted(ranges), 0, 0
+    for a, b in ranges:
+        assert a % 4096 == 0 and b % 4096 == 0 and a >= reach, "ranges page-aligned and disjoint"
+        total, reach = total + b - a, b
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_write_back_is_started_for_every_whole_page_written(tiny_sources, tmp_path, monkeypatch):
+    """Both writers hand the pages they finish to the write-back thread while converting (so the disk writes
+    while it reads): a DCP data file from its first byte to its last whole page, a safetensors tensor the
+    whole pages inside its own bytes (the pages at its edges are shared with its neighbours' writes)."""
+    from hetero_convert import hf_to_megatron, megatron_to_hf
+    from hetero_convert.io.writeback import WRITEBACK
+
+    ranges = _recorded_writeback(monkeypatch)
+    meg = tmp_path / "meg"
+    hf_to_megatron(tiny_sources["tiny-every-kind"], meg, tp=2, workers=2)
+    megatron_to_hf(meg, tmp_path / "hf", max_shard_size=300_000)
+    assert WRITEBACK.handed_over(timeout=30)
+    data = sorted((meg / "release").glob("*.distcp"))
+    assert data
+    for f in data:
+        assert _covered(ranges.pop(f.name)) == f.stat().st_size // 4096 * 4096
+    shards = sorted((tmp_path / "hf").glob("*.safetensors"))
+    assert len(shards) > 1 and set(ranges) == {f.name for f in shards}
+    for f in shards:
+        raw = f.read_bytes()
+        head = 8 + int.from_bytes(raw[:8], "little")
+        spans = [(head + t["data_offsets"][0], head + t["data_offsets"][1])
+                 for k, t in json.loads(raw[8:head]).items() if k != "__metadata__"]
+        inner = sum(max(0, (b // 4096 - -(-a // 4096)) * 4096) for a, b in spans)
+        assert _covered(ranges[f.name]) == inner > 0
+        for a, b in ranges[f.name]:
+            assert any(s <= a and b <= e for s, e in spans), "a range never crosses into another tensor's bytes"
+
+
+def test_output_is_fsynced_before_it_is_published(tiny_sources, tmp_path, monkeypatch):
+    """Every file and folder of the output is fsynced while it is still the hidden staging folder, and the
+    parent folder after the rename: a crash never leaves a published output whose data is not on the disk."""
+    from hetero_convert import hf_to_megatron
+    from hetero_convert.io import staging, writeback
+
+    events = []
+    real_fsync, real_rename = writeback._fsync_path, staging.rename_noreplace
+    monkeypatch.setattr(writeback, "_fsync_path", lambda p, d: (events.append(("fsync", str(p))), real_fsync(p, d)))
+    monkeypatch.setattr(staging, "rename_noreplace",
+                        lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b)))
+    out = tmp_path / "meg"
+    hf_to_megatron(tiny_sources["tiny-llama"], out)
+    (k, (_, tmp, dst)), = [(k, e) for k, e in enumerate(events) if e[0] == "rename"]
+    assert dst == str(out)
+    synced_before = {e[1] for e in events[:k]}
+    for path in [out, *out.rglob("*")]:
+        assert str(path).replace(str(out), tmp, 1) in synced_before, path
+    assert events[k + 1:] == [("fsync", str(tmp_path))]

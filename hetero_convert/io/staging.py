@@ -12,6 +12,10 @@ nothing this tool would not write there, and must not be a source of the job, co
 (a new OUT may be made anywhere). A thesis, a `.git`, a home directory or the source's parent are refused with
 the reason, and left as they are.
 
+Crashes and power loss: before the rename, every file and folder in the staging folder is fsynced (the
+writers have already had most of it written back while converting, `writeback.py`), and the parent folder
+after it, so a published OUT never holds data that only the page cache had.
+
 Races: a lock (`.OUT.lock` beside OUT, `flock`) is held from the check in `begin()` to the end of `commit()`,
 so a second job on the same OUT is refused while the first runs; publishing is a rename that cannot replace
 anything (`renameat2(RENAME_NOREPLACE)`; where the filesystem lacks it, rename(2) itself never replaces a

@@ -58,9 +58,23 @@ class Writeback:
                 self._thread.start()
         self._queue.put((os.dup(fd), start, end - start))
 
+    def handed_over(self, timeout: float | None = None) -> bool:
+        """Wait until every range submitted so far has been handed to the kernel (not written: `fsync_tree`
+        waits for that). False on timeout."""
+        with self._lock:
+            if self._thread is None:
+                return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
     def _run(self) -> None:
         while True:
-            fd, start, length = self._queue.get()
+            request = self._queue.get()
+            if isinstance(request, threading.Event):
+                request.set()
+                continue
+            fd, start, length = request
             try:
                 self._fn(fd, start, length, _SYNC_FILE_RANGE_WRITE)
             finally:
