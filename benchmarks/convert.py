@@ -10,7 +10,11 @@ from the page cache first, and dirty pages written back):
   megatron-to-hf  from the checkpoint written at each --tp, likewise
   megatron-to-megatron  (with --reshard) from the TP=1 checkpoint to each other --tp
   start-up: a whole conversion of a 1 MB checkpoint (the fixed cost: interpreter, imports, teardown), and
-                                     in parts: the interpreter alone, torch's import, the converter's imports
+                                     in parts: the interpreter alone, torch's import, the converter's imports,
+                                     torchrun starting processes that do nothing
+Each step's timeline: first_disk_read (process start to the first byte read from the disk: start-up as issue 14
+defines it), source_read (99% of the source read from the disk), exit (the process's end; the rest of
+`seconds` is the sync of what it left unwritten).
 Peak RSS is the child's ru_maxrss (the largest process of a torchrun job); the memory bound is 512 MiB +
 2 x the largest tensor. The table gives each step's seconds and its ratio to both copy floors.
 
@@ -230,6 +234,9 @@ def main() -> None:
                        ("import the converter", "import hetero_convert.convert.driver, hetero_convert.cli")):
         best = min(timed_child([sys.executable, "-c", code])[0] for _ in range(3))
         record({"size_GB": 0, "step": f"start-up part: {what}", "seconds": round(best, 2)})
+    for n in ints(args.torchrun):  # torchrun's own cost, which its rows below include: launcher, rendezvous, exits
+        best = min(timed_child(torchrun + [f"--nproc-per-node={n}", "--no-python", "true"])[0] for _ in range(3))
+        record({"size_GB": 0, "step": f"start-up part: torchrun x{n} running `true`", "seconds": round(best, 2)})
     # Start-up: the whole run on a ~1 MB checkpoint, both directions.
     tiny = write_random_checkpoint("tiny-llama", work / "startup" / "hf")
     for direction, src in (("hf-to-megatron", tiny), ("megatron-to-hf", work / "startup" / "meg")):
