@@ -172,9 +172,10 @@ def hf_to_megatron_cmd(
     from .process import read_ahead_share
 
     env = world()
-    # Hash the source (and so read it from disk) while torch and DCP are being imported, seconds in which the
-    # disk would be idle. Under torchrun each process hashes its own share after the import (convert/driver.py),
-    # and reads that share ahead meanwhile, as does a process that does not hash.
+    # Hash the source (and so read it from disk) from the start, while torch and DCP are being imported, seconds
+    # in which the disk would be idle, and on, ahead of the conversion. Under torchrun each process hashes its own
+    # share after the import (convert/driver.py), and reads that share ahead from the start, as does a process
+    # that does not hash.
     single = not distributed and env.size == 1
     try:
         names = shard_files(hf_dir)[1]
@@ -189,7 +190,6 @@ def hf_to_megatron_cmd(
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
-    ahead.stop()
     try:
         total = open_checkpoint(hf_dir).total_bytes()  # a quantized checkpoint: its dequantized size
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
@@ -199,7 +199,9 @@ def hf_to_megatron_cmd(
                                progress=prog, distributed=distributed, megatron_core=megatron_core)
     except HeteroConvertError as e:
         hashes.close()
+        ahead.stop()
         fail_job(e)
+    ahead.stop()
     if env.coordinator:
         print_summary(s, as_json)
 
@@ -229,7 +231,7 @@ def megatron_to_hf_cmd(
     from .process import read_ahead_share
 
     env = world()
-    # Read this process's share of the data files while torch is imported (see hf-to-megatron); only in our
+    # Read this process's share of the data files from torch's import on (see hf-to-megatron); only in our
     # own checkpoints, whose data files hold the model alone (a training run's are mostly optimizer state,
     # which the export never reads).
     try:
@@ -243,7 +245,6 @@ def megatron_to_hf_cmd(
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
-    ahead.stop()
     try:
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
@@ -251,7 +252,9 @@ def megatron_to_hf_cmd(
                                progress=prog, distributed=distributed, schema=schema,
                                verify_integrity=verify_integrity)
     except (HeteroConvertError, FileNotFoundError) as e:
+        ahead.stop()
         fail_job(e)
+    ahead.stop()
     if env.coordinator:
         print_summary(s, as_json)
 

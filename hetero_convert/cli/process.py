@@ -44,7 +44,7 @@ def settle_process_for_streaming(workers: int = 1) -> None:
 
 def read_ahead_share(files, rank: int, size: int):
     """Start reading this process's share of `files` into the page cache: called before torch is imported,
-    stopped (`.stop()`) once it is."""
+    stopped (`.stop()`) when the conversion ends."""
     from ..io.read_ahead import ReadAhead
     from ..packing import share_of_files
 
