@@ -3,9 +3,8 @@
 A conversion process spends its first seconds importing torch, with the disk idle. The CLI starts a
 `ReadAhead` on the files the process will read before that import and stops it when the conversion ends: the
 bytes it reads are page-cache hits for the conversion, whose own reads (a tensor's chunks from several files,
-column pieces scattered into place) reach the disk as smaller, out-of-order requests. On the 32-core host,
-megatron-to-hf of 16 GB had read its source after 8.4-10.4 s with read-ahead to the end, 16.6-20.4 s with it
-stopped after the import (docs/benchmarks.md). Each thread reads one file at a time from its start
+column pieces scattered into place) reach the disk as smaller, out-of-order requests. Stopping it after the import
+instead left megatron-to-hf reading its source at half the disk's speed (docs/benchmarks.md). Each thread reads one file at a time from its start
 (the order a conversion reads a data file in, roughly: tensors are stored in model order), every file of
 the process's share at once when there are threads enough. The total is capped at a quarter of the memory
 available, so reading ahead never pushes out what the conversion is using. This module imports nothing
