@@ -338,3 +338,19 @@ def test_output_is_fsynced_before_it_is_published(tiny_sources, tmp_path, monkey
     for path in [out, *out.rglob("*")]:
         assert str(path).replace(str(out), tmp, 1) in synced_before, path
     assert events[k + 1:] == [("fsync", str(tmp_path))]
+
+
+@pytest.mark.parametrize("cores, through", [(2, False), (8, True), (32, True)])
+def test_read_ahead_lasts_the_conversion_only_where_cores_are_plentiful(tmp_path, monkeypatch, cores, through):
+    """The CLI's read-ahead stops once torch is imported on a small machine (where its extra copy competes with
+    a CPU-bound conversion) and reads on to the conversion's end on a many-core one (where the disk sets the
+    pace); either way it is stopped when the conversion ends."""
+    from hetero_convert.cli import process
+
+    (tmp_path / "f").write_bytes(bytes(1 << 20))
+    monkeypatch.setattr(process.os, "cpu_count", lambda: cores)
+    ahead = process.ReadAheadShare([tmp_path / "f"], 0, 1)
+    ahead.imported()
+    assert ahead.reader._stopped.is_set() is not through
+    ahead.done()
+    assert ahead.reader._stopped.is_set()

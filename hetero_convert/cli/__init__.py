@@ -169,7 +169,7 @@ def hf_to_megatron_cmd(
         require_layout(load_plan(hf_dir), tp, pp)
     except HeteroConvertError as e:
         fail(str(e))
-    from .process import read_ahead_share
+    from .process import ReadAheadShare
 
     env = world()
     # Hash the source (and so read it from disk) from the start, while torch and DCP are being imported, seconds
@@ -183,13 +183,14 @@ def hf_to_megatron_cmd(
         names = []  # reported, with the rest of the checks, by the converter
     early = single and checksums  # hashing before the import reads the source anyway
     hashes = FileHashes(hf_dir / n for n in (names if early else []))
-    ahead = read_ahead_share([] if early else [hf_dir / n for n in names], env.rank, env.size)
+    ahead = ReadAheadShare([] if early else [hf_dir / n for n in names], env.rank, env.size)
     from ..convert import hf_to_megatron
     from ..io.quantized import open_checkpoint
     from .process import settle_process_for_streaming
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    ahead.imported()
     try:
         total = open_checkpoint(hf_dir).total_bytes()  # a quantized checkpoint: its dequantized size
         # Under torchrun a process sees only its own share: no bar that would stop at 1/N.
@@ -199,9 +200,9 @@ def hf_to_megatron_cmd(
                                progress=prog, distributed=distributed, megatron_core=megatron_core)
     except HeteroConvertError as e:
         hashes.close()
-        ahead.stop()
+        ahead.done()
         fail_job(e)
-    ahead.stop()
+    ahead.done()
     if env.coordinator:
         print_summary(s, as_json)
 
@@ -228,7 +229,7 @@ def megatron_to_hf_cmd(
     """Convert a Megatron torch_dist checkpoint (any TP/PP; ours, or a training run's iteration folder saved by
     megatron-core 0.16 .. 0.19) into a HF checkpoint, streaming; optimizer, RNG and scheduler state are not read."""
     from ..io.megatron_checkpoint import DESCRIPTION_FILE, iteration_dir
-    from .process import read_ahead_share
+    from .process import ReadAheadShare
 
     env = world()
     # Read this process's share of the data files from torch's import on (see hf-to-megatron); only in our
@@ -239,12 +240,13 @@ def megatron_to_hf_cmd(
         files = sorted(it.glob("*.distcp")) if (it / DESCRIPTION_FILE).is_file() else []
     except (HeteroConvertError, OSError):
         files = []  # reported by the converter
-    ahead = read_ahead_share(files, env.rank, env.size)
+    ahead = ReadAheadShare(files, env.rank, env.size)
     from ..convert import megatron_to_hf
     from .process import settle_process_for_streaming
     from .progress import Progress
 
     settle_process_for_streaming(workers)  # bounded RSS, no collector or OpenMP overhead (see its docstring)
+    ahead.imported()
     try:
         with Progress(0, "megatron-to-hf", not as_json and env.size == 1) as prog:
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
@@ -252,9 +254,9 @@ def megatron_to_hf_cmd(
                                progress=prog, distributed=distributed, schema=schema,
                                verify_integrity=verify_integrity)
     except (HeteroConvertError, FileNotFoundError) as e:
-        ahead.stop()
+        ahead.done()
         fail_job(e)
-    ahead.stop()
+    ahead.done()
     if env.coordinator:
         print_summary(s, as_json)
 

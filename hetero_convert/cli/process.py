@@ -42,10 +42,27 @@ def settle_process_for_streaming(workers: int = 1) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * max(1, workers))))
 
 
-def read_ahead_share(files, rank: int, size: int):
-    """Start reading this process's share of `files` into the page cache: called before torch is imported,
-    stopped (`.stop()`) when the conversion ends."""
-    from ..io.read_ahead import ReadAhead
-    from ..packing import share_of_files
+# Reading ahead for the whole conversion pays where cores are plentiful and the disk sets the pace (32 cores:
+# megatron-to-hf read its source twice as fast), and costs where the conversion is CPU-bound (2 cores: the extra
+# copy of every byte through the read-ahead's buffer made megatron-to-hf of 4 GB 1.3-2x slower). Below this,
+# it reads only while torch is imported.
+READ_AHEAD_THROUGH_CORES = 8
 
-    return ReadAhead(share_of_files(files, rank, size))
+
+class ReadAheadShare:
+    """This process's share of `files` read into the page cache, from its construction (before torch is
+    imported) to `imported()` on a small machine, or to `done()` (the conversion's end) on a large one."""
+
+    def __init__(self, files, rank: int, size: int):
+        from ..io.read_ahead import ReadAhead
+        from ..packing import share_of_files
+
+        self.reader = ReadAhead(share_of_files(files, rank, size))
+        self.through = (os.cpu_count() or 1) >= READ_AHEAD_THROUGH_CORES
+
+    def imported(self) -> None:
+        if not self.through:
+            self.reader.stop()
+
+    def done(self) -> None:
+        self.reader.stop()

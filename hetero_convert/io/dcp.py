@@ -159,7 +159,7 @@ def write_groups(
                         try:
                             if rank not in files:
                                 f = open(Path(path) / name, "wb")
-                                files[rank] = (f, SequentialWriteback(f.fileno()))
+                                files[rank] = (f, SequentialWriteback(Path(path) / name))
                             f, written = files[rank]
                             results.append(_write_item(f, name, item, data))
                             written.wrote_up_to(f.tell())

@@ -1,8 +1,9 @@
 """Reading a checkpoint's files into the page cache while the process is still starting.
 
 A conversion process spends its first seconds importing torch, with the disk idle. The CLI starts a
-`ReadAhead` on the files the process will read before that import and stops it when the conversion ends: the
-bytes it reads are page-cache hits for the conversion, whose own reads (a tensor's chunks from several files,
+`ReadAhead` on the files the process will read before that import and stops it when the conversion ends (on
+a machine with few cores, when the import ends: `cli/process.py` says why): the bytes it reads are page-cache
+hits for the conversion, whose own reads (a tensor's chunks from several files,
 column pieces scattered into place) reach the disk as smaller, out-of-order requests. Stopping it after the import
 instead left megatron-to-hf reading its source at half the disk's speed (docs/benchmarks.md). Each thread reads one file at a time from its start
 (the order a conversion reads a data file in, roughly: tensors are stored in model order), every file of

@@ -92,7 +92,7 @@ class StreamingSafetensorsWriter:
         if data.numel():
             # A byte view of the tensor's memory: no copy for bf16 (numpy has no bf16, so view as uint8).
             self._pwrite(memoryview(data.view(-1).view(torch.uint8).numpy()), self.data_start + offset)
-            WRITEBACK.submit(self.fd, self.data_start + offset, data.numel() * data.element_size())
+            WRITEBACK.submit(self.path, self.data_start + offset, data.numel() * data.element_size())
         with self.lock:  # only now complete: a write that raised above leaves the tensor pending
             self.pending.discard(name)
 

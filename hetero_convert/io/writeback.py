@@ -36,9 +36,10 @@ def _sync_file_range():
 
 
 class Writeback:
-    """One daemon thread that starts the write-back of submitted ranges, in order. Each request holds its own
-    duplicate of the file descriptor, so the writer may close its file at once. Failures are ignored: this only
-    brings writes forward, and `fsync_tree` reports what did not reach the disk."""
+    """One daemon thread that starts the write-back of submitted ranges, in order. A request names its file by
+    path (the thread opens it for the call), so a writer may close its file at once and a backlog of requests
+    holds no file descriptors. Failures are ignored: this only brings writes forward, and `fsync_tree` reports
+    what did not reach the disk."""
 
     def __init__(self):
         self._fn = _sync_file_range()
@@ -46,8 +47,8 @@ class Writeback:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, fd: int, offset: int, length: int) -> None:
-        """Start writing back the whole pages within [offset, offset + length) of the file open at `fd` (the
+    def submit(self, path: str | Path, offset: int, length: int) -> None:
+        """Start writing back the whole pages within [offset, offset + length) of the file at `path` (the
         partial pages at either end may still change: a neighbouring write shares them)."""
         start, end = -(-offset // PAGE) * PAGE, (offset + length) // PAGE * PAGE
         if self._fn is None or end <= start:
@@ -56,7 +57,7 @@ class Writeback:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
                 self._thread.start()
-        self._queue.put((os.dup(fd), start, end - start))
+        self._queue.put((str(path), start, end - start))
 
     def handed_over(self, timeout: float | None = None) -> bool:
         """Wait until every range submitted so far has been handed to the kernel (not written: `fsync_tree`
@@ -74,7 +75,11 @@ class Writeback:
             if isinstance(request, threading.Event):
                 request.set()
                 continue
-            fd, start, length = request
+            path, start, length = request
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue  # renamed or removed since: a failed job cleaned up, or a peer process committed
             try:
                 self._fn(fd, start, length, _SYNC_FILE_RANGE_WRITE)
             finally:
@@ -88,17 +93,17 @@ class SequentialWriteback:
     """For a file written front to back (a DCP data file): submits what was written since the last submission
     each time that reaches `every` bytes, and the rest at `close()`."""
 
-    def __init__(self, fd: int, every: int = 32 << 20):
-        self.fd, self.every, self.done = fd, every, 0
+    def __init__(self, path: str | Path, every: int = 32 << 20):
+        self.path, self.every, self.done = path, every, 0
 
     def wrote_up_to(self, end: int) -> None:
         if end - self.done >= self.every:
-            WRITEBACK.submit(self.fd, self.done, end - self.done)
+            WRITEBACK.submit(self.path, self.done, end - self.done)
             self.done = end // PAGE * PAGE
 
     def close(self, end: int) -> None:
         if end > self.done:
-            WRITEBACK.submit(self.fd, self.done, end - self.done)
+            WRITEBACK.submit(self.path, self.done, end - self.done)
             self.done = end
 
 
