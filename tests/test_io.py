@@ -354,3 +354,24 @@ def test_read_ahead_lasts_the_conversion_only_where_cores_are_plentiful(tmp_path
     assert ahead.reader._stopped.is_set() is not through
     ahead.done()
     assert ahead.reader._stopped.is_set()
+
+
+def test_fsync_refusal_by_the_filesystem_is_not_a_failure_but_a_write_error_is(tmp_path, monkeypatch):
+    """A filesystem that cannot fsync (EINVAL: some FUSE and network ones, for folders) does not fail the job;
+    an I/O error does: the output would not be on the disk."""
+    import errno as errnos
+
+    from hetero_convert.io import writeback
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    for code, fails in ((errnos.EINVAL, False), (errnos.EIO, True)):
+        def refuse(fd, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(writeback.os, "fsync", refuse)
+        if fails:
+            with pytest.raises(OSError):
+                writeback.fsync_tree(tmp_path / "d")
+        else:
+            writeback.fsync_tree(tmp_path / "d")

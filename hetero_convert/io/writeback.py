@@ -15,6 +15,7 @@ Linux only; elsewhere `submit` does nothing and `fsync_tree` is plain fsync. Thi
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import threading
@@ -116,6 +117,11 @@ def _fsync_path(path: str, directory: bool) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
+    except OSError as e:
+        # A filesystem that cannot sync this (some FUSE and network ones refuse folders): nothing more can be
+        # done from here. A failed write (EIO, ENOSPC) is raised: the output is not on the disk.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 
