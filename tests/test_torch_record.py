@@ -41,6 +41,22 @@ def test_plain_records_are_found_and_equal_torch_load(dtype, shape):
     assert got is not None and torch.equal(got, torch.load(io.BytesIO(raw), weights_only=True))
 
 
+def test_a_record_written_without_its_crc32_is_read_in_place():
+    """Our DCP writer turns torch.save's CRC32 off (no reader checks it), leaving 0 in the zip headers; the
+    span is still found, and its bytes are torch.load's (zipfile's own read, which checks the CRC, is not used)."""
+    from torch.utils.serialization import config
+
+    t = torch.randn(4, 6).to(torch.bfloat16)
+    old, config.save.compute_crc32 = config.save.compute_crc32, False
+    try:
+        raw = record(t)
+    finally:
+        config.save.compute_crc32 = old
+    assert {i.CRC for i in zipfile.ZipFile(io.BytesIO(raw)).infolist()} == {0}
+    got = read_span(raw, torch.bfloat16, (4, 6))
+    assert got is not None and torch.equal(got, t)
+
+
 @pytest.mark.parametrize("name,obj,dtype,shape", [
     ("transposed", torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), torch.float32, (4, 3)),
     ("a view into a larger storage", torch.arange(12, dtype=torch.float32)[4:10], torch.float32, (6,)),

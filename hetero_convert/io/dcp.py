@@ -113,20 +113,38 @@ def _write_item(f, name: str, item: WriteItem, data) -> WriteResult:
     return WriteResult(index=item.index, size_in_bytes=length, storage_data=StorageInfo(name, offset, length))
 
 
+_crc32_lock = threading.Lock()
+_crc32_users: list = [0, None]  # writer threads inside _without_crc32, and the setting the first one found
+
+
 @contextlib.contextmanager
 def _without_crc32():
-    """torch.save computes a CRC32 of every record it writes (about 40% of its time on a chunk) that no reader
-    checks: torch.load, and so DCP and megatron-core, never verify it. Off while our writers run (the setting
-    is process-wide; torch versions without it are left as they are)."""
-    save = getattr(getattr(getattr(torch.utils, "serialization", None), "config", None), "save", None)
+    """torch.save computes a CRC32 of every record it writes that no reader checks: torch.load, and so DCP and
+    megatron-core, never verify it (nor does `torch_record`). Off while the calling thread writes. Each writer
+    thread turns it off itself, as torch keeps this setting per thread (a context variable) in newer versions;
+    where it is process-wide instead, the last thread out restores what the first one found. Torch versions
+    without the setting are left as they are."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    save = getattr(config, "save", None)
     if save is None or not hasattr(save, "compute_crc32"):
         yield
         return
-    old, save.compute_crc32 = save.compute_crc32, False
+    with _crc32_lock:
+        if _crc32_users[0] == 0:
+            _crc32_users[1] = save.compute_crc32
+        _crc32_users[0] += 1
+    save.compute_crc32 = False
     try:
         yield
     finally:
-        save.compute_crc32 = old
+        with _crc32_lock:
+            _crc32_users[0] -= 1
+            if _crc32_users[0] == 0:
+                save.compute_crc32 = _crc32_users[1]
 
 
 def write_groups(
@@ -147,6 +165,10 @@ def write_groups(
     shares = balance(sizes, threads)
 
     def run(t: int, picked: list[int]) -> list[WriteResult]:
+        with _without_crc32():
+            return _run(t, picked)
+
+    def _run(t: int, picked: list[int]) -> list[WriteResult]:
         files: dict[int, tuple[object, SequentialWriteback]] = {}
         results = []
         try:
@@ -179,7 +201,7 @@ def write_groups(
                     f.close()
         return results
 
-    with _without_crc32(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(run, t, picked) for t, picked in enumerate(shares) if picked]
         return [r for fut in futures for r in fut.result()]
 

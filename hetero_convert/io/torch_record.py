@@ -103,42 +103,65 @@ def _contiguous(size: tuple, stride: tuple) -> bool:
     return True
 
 
+def _member_start(record: io.RawIOBase, info: zipfile.ZipInfo) -> int | None:
+    """Where a stored member's bytes begin, once its local header names it and agrees with the directory; None
+    otherwise. Its bytes are then read as they are: torch's writers may leave the CRC at 0 (when asked not to
+    compute it), so zipfile's own read, which checks it, is not used."""
+    record.seek(info.header_offset)
+    head = record.read(_LOCAL_HEADER.size)
+    if len(head) != _LOCAL_HEADER.size:
+        return None
+    signature, flags, method, csize, usize, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+    sizes = (info.file_size, 0xFFFFFFFF) + ((0,) if flags & 0x08 else ())  # 0: in a data descriptor after it
+    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    if (signature != _LOCAL_SIGNATURE or method != zipfile.ZIP_STORED or info.compress_type != zipfile.ZIP_STORED
+            or record.read(name_len) != info.orig_filename.encode()
+            or csize not in sizes or usize not in sizes
+            or start + info.file_size > record.seek(0, io.SEEK_END)):
+        return None
+    return start
+
+
+def _member_bytes(record: io.RawIOBase, info: zipfile.ZipInfo) -> bytes | None:
+    start = _member_start(record, info)
+    if start is None:
+        return None
+    record.seek(start)
+    data = record.read(info.file_size)
+    return data if len(data) == info.file_size else None
+
+
 def tensor_span(record: io.RawIOBase, dtype: torch.dtype, shape: tuple[int, ...]) -> Span | None:
     """The span of `record` (a torch.save archive, seekable) holding a plain tensor of `dtype` and `shape`,
     or None when the record is anything else (torch.load then decides what it holds)."""
     try:
         with zipfile.ZipFile(record) as z:
             pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
-                return None
-            prefix = pickles[0].filename[: -len("data.pkl")]
-            t = _RecordUnpickler(io.BytesIO(z.read(pickles[0])), fix_imports=False).load()
-            if type(t) is not _Tensor or t.storage.dtype != dtype or t.size != tuple(shape) or t.offset != 0:
-                return None
-            numel = 1
-            for n in shape:
-                numel *= n
-            if t.storage.numel != numel or not _contiguous(t.size, t.stride):
-                return None
             names = set(z.namelist())
-            if f"{prefix}byteorder" in names and z.read(f"{prefix}byteorder") != b"little":
-                return None
-            info = z.getinfo(f"{prefix}data/{t.storage.key}")
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * dtype.itemsize:
-                return None
-        record.seek(info.header_offset)
-        head = record.read(_LOCAL_HEADER.size)
-        if len(head) != _LOCAL_HEADER.size:
+            infos = {n: z.getinfo(n) for n in names}
+        if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
             return None
-        signature, flags, method, csize, usize, name_len, extra_len = _LOCAL_HEADER.unpack(head)
-        sizes = (info.file_size, 0xFFFFFFFF) + ((0,) if flags & 0x08 else ())  # 0: in a data descriptor after it
-        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        # The local header must name this member and agree with the directory, and the data must end where the
-        # next zip structure begins: any other bytes would not be the ones torch.load reads.
-        if (signature != _LOCAL_SIGNATURE or method != zipfile.ZIP_STORED
-                or record.read(name_len) != info.orig_filename.encode()
-                or csize not in sizes or usize not in sizes
-                or start + info.file_size > record.seek(0, io.SEEK_END)):
+        prefix = pickles[0].filename[: -len("data.pkl")]
+        pickled = _member_bytes(record, pickles[0])
+        if pickled is None:
+            return None
+        t = _RecordUnpickler(io.BytesIO(pickled), fix_imports=False).load()
+        if type(t) is not _Tensor or t.storage.dtype != dtype or t.size != tuple(shape) or t.offset != 0:
+            return None
+        numel = 1
+        for n in shape:
+            numel *= n
+        if t.storage.numel != numel or not _contiguous(t.size, t.stride):
+            return None
+        if f"{prefix}byteorder" in names and _member_bytes(record, infos[f"{prefix}byteorder"]) != b"little":
+            return None
+        info = infos.get(f"{prefix}data/{t.storage.key}")
+        if info is None or info.file_size != numel * dtype.itemsize:
+            return None
+        # The data must end where the next zip structure begins: any other bytes would not be the ones torch.load
+        # reads.
+        start = _member_start(record, info)
+        if start is None:
             return None
         record.seek(start + info.file_size)
         if record.read(4) not in _NEXT_SIGNATURES:
