@@ -232,7 +232,7 @@ def megatron_to_hf_cmd(
     from .process import ReadAheadShare
 
     env = world()
-    # Read this process's share of the data files from torch's import on (see hf-to-megatron); only in our
+    # Read this process's share of the data files from before torch is imported (see hf-to-megatron); only in our
     # own checkpoints, whose data files hold the model alone (a training run's are mostly optimizer state,
     # which the export never reads).
     try:
