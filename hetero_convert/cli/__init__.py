@@ -200,9 +200,9 @@ def hf_to_megatron_cmd(
                                progress=prog, distributed=distributed, megatron_core=megatron_core)
     except HeteroConvertError as e:
         hashes.close()
-        ahead.done()
         fail_job(e)
-    ahead.done()
+    finally:
+        ahead.done()
     if env.coordinator:
         print_summary(s, as_json)
 
@@ -254,9 +254,9 @@ def megatron_to_hf_cmd(
                                progress=prog, distributed=distributed, schema=schema,
                                verify_integrity=verify_integrity)
     except (HeteroConvertError, FileNotFoundError) as e:
-        ahead.done()
         fail_job(e)
-    ahead.done()
+    finally:
+        ahead.done()
     if env.coordinator:
         print_summary(s, as_json)
 

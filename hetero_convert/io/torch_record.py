@@ -137,8 +137,7 @@ def tensor_span(record: io.RawIOBase, dtype: torch.dtype, shape: tuple[int, ...]
     try:
         with zipfile.ZipFile(record) as z:
             pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            names = set(z.namelist())
-            infos = {n: z.getinfo(n) for n in names}
+            infos = {i.filename: i for i in z.infolist()}  # a repeated name: the last, as getinfo gives
         if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
             return None
         prefix = pickles[0].filename[: -len("data.pkl")]
@@ -153,7 +152,7 @@ def tensor_span(record: io.RawIOBase, dtype: torch.dtype, shape: tuple[int, ...]
             numel *= n
         if t.storage.numel != numel or not _contiguous(t.size, t.stride):
             return None
-        if f"{prefix}byteorder" in names and _member_bytes(record, infos[f"{prefix}byteorder"]) != b"little":
+        if f"{prefix}byteorder" in infos and _member_bytes(record, infos[f"{prefix}byteorder"]) != b"little":
             return None
         info = infos.get(f"{prefix}data/{t.storage.key}")
         if info is None or info.file_size != numel * dtype.itemsize:
