@@ -103,20 +103,50 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _block_stats(path: Path) -> list[Path]:
+    """The `stat` files of the disk(s) under `path`: its own device's (a partition's, say), or, where that has
+    none (overlay, tmpfs), every physical disk's."""
+    st = os.stat(path)
+    own = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    if own.is_file():
+        return [own]
+    return [d / "stat" for d in Path("/sys/block").glob("*") if (d / "device").exists() and (d / "stat").is_file()]
+
+
+def _disk_counters(files: list[Path]) -> tuple[int, int, int, int, int]:
+    """(read I/Os, sectors read, write I/Os, sectors written, ms busy) summed over `files` (block/stat.rst)."""
+    total = [0] * 5
+    for f in files:
+        v = [int(x) for x in f.read_text().split()]
+        for k, i in enumerate((0, 2, 4, 6, 9)):
+            total[k] += v[i]
+    return tuple(total)
+
+
 class DiskReads:
     """Bytes a process tree has read from the disk (read_bytes of /proc/<pid>/io: page-cache hits do not count),
     polled every few milliseconds on a thread: when the first byte came from the disk (start-up, as the converter
-    reads only its source from disk: programs and libraries stay cached) and when nearly all of the source had."""
+    reads only its source from disk: programs and libraries stay cached) and when nearly all of the source had.
+    With `disk` (the stat files of the disk the step reads and writes), also what the disk itself did during the
+    step: bytes read and written, the share of the time it was busy, the mean request sizes, and a series of
+    (seconds, read MB/s, write MB/s) every 0.5 s."""
 
-    def __init__(self, pid: int, t0: float, source_bytes: int):
+    def __init__(self, pid: int, t0: float, source_bytes: int, disk: list[Path] | None = None):
         self.pid, self.t0, self.target = pid, t0, 0.99 * source_bytes
         self.first = self.most = None
         self._seen: dict[int, int] = {}
+        self.disk = disk or []
+        self.series: list[tuple[float, int, int, int, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample_disk(self, now: float) -> None:
+        if self.disk and (not self.series or now - self.series[-1][0] >= 0.5):
+            self.series.append((now, *_disk_counters(self.disk)))
+
     def _run(self) -> None:
+        self._sample_disk(0.0)
         while not self._stop.is_set():
             for p in _tree(self.pid):
                 try:
@@ -129,42 +159,58 @@ class DiskReads:
                 self.first = now
             if self.most is None and total >= self.target > 0:
                 self.most = now
+            self._sample_disk(now)
             self._stop.wait(0.005)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self.disk:
+            self.series.append((time.perf_counter() - self.t0, *_disk_counters(self.disk)))
+
+    def disk_summary(self) -> dict:
+        if len(self.series) < 2:
+            return {}
+        (t0, r0, rs0, w0, ws0, b0), (t1, r1, rs1, w1, ws1, b1) = self.series[0], self.series[-1]
+        mb = 512 / 1e6
+        steps = [(round(b[0], 1), round((b[2] - a[2]) * mb / (b[0] - a[0])), round((b[4] - a[4]) * mb / (b[0] - a[0])))
+                 for a, b in zip(self.series, self.series[1:]) if b[0] > a[0]]
+        return {"disk_read_GB": round((rs1 - rs0) * 512 / 1e9, 2), "disk_write_GB": round((ws1 - ws0) * 512 / 1e9, 2),
+                "disk_busy": round((b1 - b0) / 1e3 / max(t1 - t0, 1e-9), 2),
+                "read_req_KiB": round((rs1 - rs0) / 2 / max(1, r1 - r0)),
+                "write_req_KiB": round((ws1 - ws0) / 2 / max(1, w1 - w0)), "disk_MBps": steps}
 
 
 def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None,
-                source_bytes: int = 0) -> tuple[float, int, dict]:
+                source_bytes: int = 0, disk: list[Path] | None = None) -> tuple[float, int, dict]:
     """Wall seconds (until the output is on disk: the sync is part of the step), the largest peak RSS (bytes) of
     the child and its descendants, and the step's timeline: `exit` (the process's own end), the rest being the
     sync of what it left in the page cache, and with `source_bytes`, `first_disk_read` (process start to the first
-    byte read from the disk) and `source_read` (to 99% of the source's bytes read from the disk)."""
+    byte read from the disk) and `source_read` (to 99% of the source's bytes read from the disk); with `disk`,
+    what the disk did until the sync ended (DiskReads)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    reads = DiskReads(proc.pid, t, source_bytes) if source_bytes else None
+    reads = DiskReads(proc.pid, t, source_bytes, disk) if source_bytes else None
     _, status, usage = os.wait4(proc.pid, 0)
     ended = time.perf_counter() - t
-    if reads:
-        reads.stop()
     os.sync()
     elapsed = time.perf_counter() - t
+    if reads:
+        reads.stop()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-3000:]}")
     timeline = {"exit": round(ended, 2)}
     if reads:
         timeline.update(first_disk_read=reads.first and round(reads.first, 2),
-                        source_read=reads.most and round(reads.most, 2))
+                        source_read=reads.most and round(reads.most, 2), **reads.disk_summary())
     # Linux reports the largest of the child and of the descendants it reaped (a torchrun job's workers).
     return elapsed, usage.ru_maxrss * 1024, timeline
 
 
-def parallel_copy(src: Path, dst: Path, procs: int) -> tuple[float, float]:
+def parallel_copy(src: Path, dst: Path, procs: int, disk: list[Path] | None = None) -> tuple[float, dict]:
     """Copy every file of src to dst with `procs` dd processes at once, each a contiguous byte range of the
     whole (files split where the ranges fall): the same bytes as cp -r, N streams. Seconds in all (the sync
-    included) and until the last dd ended."""
+    included), and the timeline as `timed_child` gives it (`exit`: the last dd's end)."""
     files = sorted(f for f in src.rglob("*") if f.is_file())
     total = sum(f.stat().st_size for f in files)
     per = -(-total // procs)
@@ -183,12 +229,16 @@ def parallel_copy(src: Path, dst: Path, procs: int) -> tuple[float, float]:
             pos += n
             start += n
     t = time.perf_counter()
+    reads = DiskReads(os.getpid(), t, total, disk)
     with ThreadPoolExecutor(max_workers=procs) as pool:
         for rc in pool.map(lambda c: subprocess.run(c).returncode, jobs):
             assert rc == 0
     copied = time.perf_counter() - t
     os.sync()
-    return time.perf_counter() - t, copied
+    elapsed = time.perf_counter() - t
+    reads.stop()
+    return elapsed, {"exit": round(copied, 2), "first_disk_read": reads.first and round(reads.first, 2),
+                     "source_read": reads.most and round(reads.most, 2), **reads.disk_summary()}
 
 
 def dir_bytes(p: Path) -> int:
@@ -211,7 +261,10 @@ def main() -> None:
     ap.add_argument("--no-checksums", action="store_true", help="hf-to-megatron without hashing the source")
     ap.add_argument("--compare-with", default=None, metavar="DIR",
                     help="a source tree of another version (its hetero_convert/, mappings/, fixtures/): also time its "
-                         "hf-to-megatron and megatron-to-hf at each --tp with the largest --workers")
+                         "hf-to-megatron and megatron-to-hf (of this version's checkpoint) at each --tp with the "
+                         "largest --workers, right after this version's")
+    ap.add_argument("--directions", default="hf-to-megatron,megatron-to-hf", help="which conversions to time")
+    ap.add_argument("--repeat", type=int, default=1, help="time each single-process conversion this many times")
     ap.add_argument("--workdir", default="/tmp/hc_bench")
     ap.add_argument("--evict", choices=("source", "all"), default="source")
     ap.add_argument("--json-out", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "convert.jsonl"))
@@ -260,15 +313,16 @@ def main() -> None:
         size = dir_bytes(src)
         print(f"# {size / 1e9:.1f} GB written in {time.perf_counter() - t:.0f}s: hidden {plan.hidden_size}, "
               f"{plan.num_layers} layers", flush=True)
+        disk = _block_stats(root)
         evicted = evict(src, args.evict)
-        cp_s, _, cp_timeline = timed_child(["cp", "-r", str(src), str(root / "cp")], source_bytes=size)
+        cp_s, _, cp_timeline = timed_child(["cp", "-r", str(src), str(root / "cp")], source_bytes=size, disk=disk)
         shutil.rmtree(root / "cp")
         evict(src, args.evict)
-        par_s, par_copied = parallel_copy(src, root / "pcp", args.copy_procs)
+        par_s, par_timeline = parallel_copy(src, root / "pcp", args.copy_procs, disk)
         shutil.rmtree(root / "pcp")
         record({"size_GB": round(size / 1e9, 2), "step": "cp -r", "seconds": round(cp_s, 2), **cp_timeline})
         record({"size_GB": round(size / 1e9, 2), "step": f"parallel copy x{args.copy_procs}",
-                "seconds": round(par_s, 2), "exit": round(par_copied, 2)})
+                "seconds": round(par_s, 2), **par_timeline})
 
         def step(name: str, cmd: list[str], source: Path, out: Path, keep: bool = False, other: str | None = None):
             shutil.rmtree(out, ignore_errors=True)
@@ -276,7 +330,7 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": "1"} if cmd[:3] == torchrun[:3] else dict(os.environ)
             if other:  # the other version's package first, and not the current directory's
                 env["PYTHONPATH"] = other
-            secs, rss, timeline = timed_child(cmd, env=env, cwd=other, source_bytes=dir_bytes(source))
+            secs, rss, timeline = timed_child(cmd, env=env, cwd=other, source_bytes=dir_bytes(source), disk=disk)
             record({"size_GB": round(size / 1e9, 2), "step": name, "seconds": round(secs, 2), **timeline,
                     "vs_cp": round(secs / cp_s, 2), "vs_parallel_copy": round(secs / par_s, 2),
                     "peak_rss_MiB": round(rss / 2**20), "bound_MiB": round(bound / 2**20),
@@ -287,12 +341,25 @@ def main() -> None:
         megs = {}
         nohash = ["--no-checksums"] if args.no_checksums else []
         tag = " no checksums" if args.no_checksums else ""
+        other, wmax = args.compare_with and str(Path(args.compare_with).resolve()), max(ints(args.workers))
+        directions = args.directions.split(",")
         for tp in ints(args.tp):
             megs[tp] = root / f"meg-tp{tp}"
-            for k, w in enumerate(ints(args.workers)):
-                step(f"hf-to-megatron TP={tp} workers={w}{tag}", cli + ["hf-to-megatron", str(src), str(megs[tp]
-                     if k == 0 else root / "out"), "--tp", str(tp), "--workers", str(w), "--json", *nohash], src,
-                     megs[tp] if k == 0 else root / "out", keep=k == 0)
+            if "hf-to-megatron" not in directions:
+                continue
+            for r in range(args.repeat):  # repeats alternate with the other version's: drift hits both alike
+                again = f" (run {r + 1})" if args.repeat > 1 else ""
+                for k, w in enumerate(ints(args.workers)):
+                    # the first one is kept as megatron-to-hf's source, if that is timed
+                    first = k == 0 and r == 0 and "megatron-to-hf" in directions
+                    out = megs[tp] if first else root / "out"
+                    step(f"hf-to-megatron TP={tp} workers={w}{tag}{again}", cli + ["hf-to-megatron", str(src),
+                         str(out), "--tp", str(tp), "--workers", str(w), "--json", *nohash], src, out, keep=out == megs[tp])
+                if other:
+                    out = root / "old-out"
+                    step(f"other version: hf-to-megatron TP={tp} workers={wmax}{tag}{again}", cli + [
+                         "hf-to-megatron", str(src), str(out), "--tp", str(tp), "--workers", str(wmax), "--json",
+                         *nohash], src, out, other=other)
             for n in ints(args.torchrun):
                 step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={args.torchrun_workers}){tag}",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron", str(src),
@@ -300,24 +367,26 @@ def main() -> None:
                                  *nohash],
                      src, root / "out")
         for tp in ints(args.tp):
-            for w in ints(args.workers):
-                step(f"megatron-to-hf from TP={tp} workers={w}", cli + ["megatron-to-hf", str(megs[tp]),
-                     str(root / "out"), "--workers", str(w), "--json"], megs[tp], root / "out")
+            if "megatron-to-hf" not in directions:
+                continue
+            if not megs[tp].exists():  # only megatron-to-hf asked for: its source, by this version
+                step(f"hf-to-megatron TP={tp} workers={wmax} (the source of what follows)", cli + [
+                     "hf-to-megatron", str(src), str(megs[tp]), "--tp", str(tp), "--workers", str(wmax), "--json"],
+                     src, megs[tp], keep=True)
+            for r in range(args.repeat):
+                again = f" (run {r + 1})" if args.repeat > 1 else ""
+                for w in ints(args.workers):
+                    step(f"megatron-to-hf from TP={tp} workers={w}{again}", cli + ["megatron-to-hf", str(megs[tp]),
+                         str(root / "out"), "--workers", str(w), "--json"], megs[tp], root / "out")
+                if other:  # the other version's conversion of the same Megatron checkpoint
+                    step(f"other version: megatron-to-hf from TP={tp} workers={wmax}{again}", cli + [
+                         "megatron-to-hf", str(megs[tp]), str(root / "out"), "--workers", str(wmax), "--json"],
+                         megs[tp], root / "out", other=other)
             for n in ints(args.torchrun):
                 step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
                                  str(root / "out"), "--workers", str(args.torchrun_workers)], megs[tp], root / "out")
-        if args.compare_with:
-            other, w = str(Path(args.compare_with).resolve()), max(ints(args.workers))
-            for tp in ints(args.tp):
-                old_meg = root / f"old-meg-tp{tp}"
-                step(f"other version: hf-to-megatron TP={tp} workers={w}", cli + ["hf-to-megatron", str(src),
-                     str(old_meg), "--tp", str(tp), "--workers", str(w), "--json"], src, old_meg, keep=True,
-                     other=other)
-                step(f"other version: megatron-to-hf from TP={tp} workers={w}", cli + ["megatron-to-hf",
-                     str(old_meg), str(root / "out"), "--workers", str(w), "--json"], old_meg, root / "out",
-                     other=other)
-                shutil.rmtree(old_meg, ignore_errors=True)
+            shutil.rmtree(megs[tp], ignore_errors=True)  # a small disk holds one TP's checkpoint at a time
         if args.reshard and 1 in megs:
             for tp in [t for t in ints(args.tp) if t != 1]:
                 w = max(ints(args.workers))
@@ -327,7 +396,9 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print()
-    head = ["size_GB", "step", "seconds", "first_disk_read", "source_read", "exit", "vs_cp", "vs_parallel_copy", "peak_rss_MiB", "bound_MiB", "within_bound"]
+    head = ["size_GB", "step", "seconds", "first_disk_read", "source_read", "exit", "vs_cp", "vs_parallel_copy",
+            "disk_read_GB", "disk_write_GB", "disk_busy", "read_req_KiB", "write_req_KiB", "peak_rss_MiB",
+            "bound_MiB", "within_bound"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
