@@ -356,6 +356,22 @@ def test_read_ahead_lasts_the_conversion_only_where_cores_are_plentiful(tmp_path
     assert ahead.reader._stopped.is_set()
 
 
+@pytest.mark.parametrize("cores, reads", [(2, False), (16, True)])
+def test_hashing_process_reads_ahead_too_only_where_cores_are_plentiful(tmp_path, monkeypatch, cores, reads):
+    """hf-to-megatron hashes its source from the start, which reads it. On a small machine that is all the
+    reading ahead it does (a second reader would cost a copy of every byte); on a many-core one the read-ahead
+    runs beside it (the few hashing threads read the disk at about half its speed)."""
+    from hetero_convert.cli import process
+
+    (tmp_path / "f").write_bytes(bytes(3 << 20))
+    monkeypatch.setattr(process.os, "cpu_count", lambda: cores)
+    ahead = process.ReadAheadShare([tmp_path / "f"], 0, 1, hashed=True)
+    for t in ahead.reader._threads:
+        t.join(timeout=10)
+    assert ahead.reader.stop() == (3 << 20 if reads else 0)
+    assert process.ReadAheadShare([tmp_path / "f"], 0, 1, hashed=False).reader._threads  # not hashed: always
+
+
 def test_fsync_refusal_by_the_filesystem_is_not_a_failure_but_a_write_error_is(tmp_path, monkeypatch):
     """A filesystem that cannot fsync (EINVAL: some FUSE and network ones, for folders) does not fail the job;
     an I/O error does: the output would not be on the disk."""

@@ -175,7 +175,7 @@ def hf_to_megatron_cmd(
     # Hash the source (and so read it from disk) from the start, while torch and DCP are being imported, seconds
     # in which the disk would be idle, and on, ahead of the conversion. Under torchrun each process hashes its own
     # share after the import (convert/driver.py), and reads that share ahead from the start, as does a process
-    # that does not hash.
+    # that does not hash, and, on a many-core machine, one that does (ReadAheadShare says why).
     single = not distributed and env.size == 1
     try:
         names = shard_files(hf_dir)[1]
@@ -183,7 +183,7 @@ def hf_to_megatron_cmd(
         names = []  # reported, with the rest of the checks, by the converter
     early = single and checksums  # hashing before the import reads the source anyway
     hashes = FileHashes(hf_dir / n for n in (names if early else []))
-    ahead = ReadAheadShare([] if early else [hf_dir / n for n in names], env.rank, env.size)
+    ahead = ReadAheadShare([hf_dir / n for n in names], env.rank, env.size, hashed=early)
     from ..convert import hf_to_megatron
     from ..io.quantized import open_checkpoint
     from .process import settle_process_for_streaming
