@@ -266,6 +266,39 @@ def test_read_ahead_reads_each_file_from_its_start_up_to_its_limit(tmp_path, mon
     assert sorted(p for s in shares for p in s) == [f for f in files if f.is_file()]
 
 
+def test_read_ahead_reads_in_the_order_the_conversion_will(tmp_path, monkeypatch):
+    """HF shards are read one after another (a conversion goes through the model shard by shard); DCP data
+    files abreast, always the next block of the file least far through (every rank's file holds its chunks in
+    model order, and a conversion reads each tensor's chunks from all of them). Read one block at a time, the
+    order is exact."""
+    from hetero_convert.io import read_ahead
+    from hetero_convert.io.read_ahead import BLOCK, ReadAhead
+
+    sizes = {"a": 4 * BLOCK, "b": 2 * BLOCK, "c": 4 * BLOCK - 1}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(bytes(size))
+    reads, real = [], read_ahead._read_block
+
+    def recorded(fd, buf, at):
+        reads.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), at // BLOCK, len(buf)))
+        return real(fd, buf, at)
+
+    monkeypatch.setattr(read_ahead, "_read_block", recorded)
+    for interleaved in (False, True):
+        reads.clear()
+        ahead = ReadAhead([tmp_path / n for n in sizes], limit=1 << 40, threads=1, interleaved=interleaved)
+        ahead._threads[0].join(timeout=30)
+        assert ahead.bytes_read == sum(sizes.values())
+        order = [(name, k) for name, k, _ in reads]
+        if not interleaved:
+            assert order == [(n, k) for n in "abc" for k in range(sizes[n] // BLOCK + (sizes[n] % BLOCK > 0))]
+        else:
+            # after the first round a is 1/4 through, b 1/2, c just over 1/4; a tie goes to the earlier file
+            assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2), ("b", 1), ("c", 2),
+                             ("a", 3), ("c", 3)]
+        assert reads[-1][2] == BLOCK - 1  # c's last block, short
+
+
 def _recorded_writeback(monkeypatch) -> dict[str, list[tuple[int, int]]]:
     """Record the ranges WRITEBACK hands to the kernel, by file name, instead of handing them over."""
     from hetero_convert.io.writeback import WRITEBACK

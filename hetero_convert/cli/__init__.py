@@ -240,7 +240,7 @@ def megatron_to_hf_cmd(
         files = sorted(it.glob("*.distcp")) if (it / DESCRIPTION_FILE).is_file() else []
     except (HeteroConvertError, OSError):
         files = []  # reported by the converter
-    ahead = ReadAheadShare(files, env.rank, env.size)
+    ahead = ReadAheadShare(files, env.rank, env.size, interleaved=True)
     from ..convert import megatron_to_hf
     from .process import settle_process_for_streaming
     from .progress import Progress

@@ -53,17 +53,19 @@ class ReadAheadShare:
     """This process's share of `files` read into the page cache, from its construction (before torch is
     imported) to `imported()` on a small machine, or to `done()` (the conversion's end) on a large one.
 
-    `hashed`: the process is also hashing these files from the start, which reads them too. On a small machine
-    that is read-ahead enough. On a large one the hashing threads (a few, each reading a block, then hashing it)
-    read at 0.5-1.3 GB/s while torch is imported, where 8 readers take 1.8 GB/s from the same NVMe disk
-    (docs/benchmarks.md, run 11): there both run."""
+    `interleaved`: the files are read abreast (DCP data files), else one after another (HF shards); see
+    `read_ahead._Blocks`. `hashed`: the process is also hashing these files from the start, which reads them
+    too. On a small machine that is read-ahead enough. On a large one the hashing threads (a few, each reading
+    a block, then hashing it) read at 0.5-1.3 GB/s while torch is imported, where 8 readers take 1.8 GB/s from
+    the same NVMe disk (docs/benchmarks.md, run 11): there both run."""
 
-    def __init__(self, files, rank: int, size: int, hashed: bool = False):
+    def __init__(self, files, rank: int, size: int, hashed: bool = False, interleaved: bool = False):
         from ..io.read_ahead import ReadAhead
         from ..packing import share_of_files
 
         self.through = (os.cpu_count() or 1) >= READ_AHEAD_THROUGH_CORES
-        self.reader = ReadAhead(share_of_files(files, rank, size) if self.through or not hashed else [])
+        self.reader = ReadAhead(share_of_files(files, rank, size) if self.through or not hashed else [],
+                                interleaved=interleaved)
 
     def imported(self) -> None:
         if not self.through:

@@ -3,17 +3,17 @@
 A conversion process spends its first seconds importing torch, with the disk idle. The CLI starts a
 `ReadAhead` on the files the process will read before that import and stops it when the conversion ends (on
 a machine with few cores, when the import ends: `cli/process.py` says why): the bytes it reads are page-cache
-hits for the conversion, whose own reads (a tensor's chunks from several files,
-column pieces scattered into place) reach the disk as smaller, out-of-order requests. Stopping it after the import
-instead left megatron-to-hf reading its source at half the disk's speed (docs/benchmarks.md). Each thread reads one file at a time from its start
-(the order a conversion reads a data file in, roughly: tensors are stored in model order), every file of
-the process's share at once when there are threads enough. The total is capped at a quarter of the memory
-available, so reading ahead never pushes out what the conversion is using. This module imports nothing
-heavy: it runs before torch is imported.
+hits for the conversion, whose own reads (a tensor's chunks from several files, column pieces scattered into
+place) reach the disk as smaller, out-of-order requests. Stopping it after the import instead left
+megatron-to-hf reading its source at half the disk's speed (docs/benchmarks.md). Several threads read blocks
+of the files in the order the conversion will want them (`_Blocks`). The total is capped at a quarter of the
+memory available, so reading ahead never pushes out what the conversion is using. This module imports
+nothing heavy: it runs before torch is imported.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 from collections.abc import Iterable
@@ -38,13 +38,52 @@ def _read_block(fd: int, buf: memoryview, at: int) -> int:
     return os.preadv(fd, [buf], at)
 
 
+class _Blocks:
+    """The files' blocks in the order a conversion wants them. `interleaved=False`: file after file (HF shards:
+    the model's tensors in order, one shard after the other). `interleaved=True`: all files abreast, the next
+    block always from the file least far through (DCP data files: every rank's file holds its chunks in model
+    order, and one tensor's chunks are in each rank's file, so a conversion in model order reads them all
+    abreast; file after file, it waited on reads of the files not reached yet, and wrote little until
+    everything had been read: docs/benchmarks.md, run 12). Files that are missing are skipped."""
+
+    def __init__(self, paths: list[Path], interleaved: bool):
+        self.files: list[tuple[Path, int]] = []
+        for p in paths:
+            try:
+                size = os.stat(p).st_size
+            except OSError:
+                continue
+            if size > 0:
+                self.files.append((p, size))
+        self.interleaved = interleaved
+        self.heap = [(0.0 if interleaved else k, k, 0) for k in range(len(self.files))]  # (key, file, offset)
+        heapq.heapify(self.heap)
+
+    def next(self) -> tuple[Path, int, int, int] | None:
+        """(path, offset, length, file index) of the next block, or None at the end."""
+        if not self.heap:
+            return None
+        _, k, at = heapq.heappop(self.heap)
+        path, size = self.files[k]
+        n = min(BLOCK, size - at)
+        if at + n < size:  # the key: how far through its file (abreast), or the file's place (one after another)
+            heapq.heappush(self.heap, ((at + n) / size if self.interleaved else k, k, at + n))
+        return path, at, n, k
+
+    def drop(self, k: int) -> None:
+        """No more blocks of file k (it ended early: it shrank since it was listed)."""
+        self.heap = [e for e in self.heap if e[1] != k]
+        heapq.heapify(self.heap)
+
+
 class ReadAhead:
     """Read `paths` on background threads (daemons) until `stop()`, the end of the files, or `limit` bytes
-    (default: a quarter of the available memory) in all. Read errors are ignored: the conversion reads the
-    same bytes again and reports them."""
+    (default: a quarter of the available memory) in all, block by block in the order `_Blocks` gives. Read
+    errors are ignored: the conversion reads the same bytes again and reports them."""
 
-    def __init__(self, paths: Iterable[str | Path], limit: int | None = None, threads: int | None = None):
-        self._paths = iter([Path(p) for p in paths])
+    def __init__(self, paths: Iterable[str | Path], limit: int | None = None, threads: int | None = None,
+                 interleaved: bool = False):
+        self._blocks = _Blocks([Path(p) for p in paths], interleaved)
         self._left = available_memory() // 4 if limit is None else limit
         self._stopped = threading.Event()
         self._lock = threading.Lock()
@@ -55,40 +94,37 @@ class ReadAhead:
         for t in self._threads:
             t.start()
 
-    def _take(self, n: int) -> int:
+    def _next(self) -> tuple[Path, int, int, int] | None:
         with self._lock:
+            block = self._blocks.next()
+            if block is None or self._left <= 0:
+                return None
+            path, at, n, k = block
             n = min(n, self._left)
             self._left -= n
-            return n
+            return path, at, n, k
 
     def _run(self) -> None:
-        buf = bytearray(BLOCK)
+        buf = memoryview(bytearray(BLOCK))
         while not self._stopped.is_set():
-            with self._lock:
-                path = next(self._paths, None)
-            if path is None:
+            block = self._next()
+            if block is None:
                 return
+            path, at, want, k = block
+            got = 0
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                at, size = 0, os.fstat(fd).st_size
-                while at < size and not self._stopped.is_set():
-                    want = self._take(min(BLOCK, size - at))
-                    if want == 0:
-                        return
-                    got = _read_block(fd, memoryview(buf)[:want], at)
-                    with self._lock:
-                        self.bytes_read += got
-                        self._left += want - got  # a file that shrank: the rest of the allowance is not spent
-                    if got < want:
-                        break
-                    at += got
+                try:
+                    got = _read_block(fd, buf[:want], at)
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
-            finally:
-                os.close(fd)
+            with self._lock:
+                self.bytes_read += got
+                if got < want:  # vanished or shrank: the rest of the allowance is not spent, the rest not read
+                    self._left += want - got
+                    self._blocks.drop(k)
 
     def stop(self) -> int:
         """Stop reading (between blocks; the threads are not waited for). Returns the bytes read so far."""
