@@ -385,6 +385,15 @@ def test_read_ahead_lasts_the_conversion_only_where_cores_are_plentiful(tmp_path
     ahead = process.ReadAheadShare([tmp_path / "f"], 0, 1)
     ahead.imported()
     assert ahead.reader._stopped.is_set() is not through
+    first = ahead.reader
+    ahead.follow([(tmp_path / "f", 1000, 5000), (tmp_path / "f", 0, 100)])  # the conversion's plan, once known
+    if through:  # read on along the plan, the files' own reader stopped
+        assert first.stopped and ahead.reader is not first
+        for t in ahead.reader._threads:
+            t.join(timeout=30)
+        assert ahead.reader.bytes_read == 5100
+    else:
+        assert ahead.reader is first
     ahead.done()
     assert ahead.reader._stopped.is_set()
 
@@ -424,3 +433,39 @@ def test_fsync_refusal_by_the_filesystem_is_not_a_failure_but_a_write_error_is(t
                 writeback.fsync_tree(tmp_path / "d")
         else:
             writeback.fsync_tree(tmp_path / "d")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_read_plan_is_what_the_conversion_then_reads_in_that_order(tmp_path, tiny_sources, monkeypatch, tp):
+    """Both directions announce the byte ranges they will read (the CLI reads ahead along them). Every read of
+    the source afterwards falls inside one of them, each of them is read, and (one worker) they are first
+    read in the order given: reading ahead along the plan reads what the conversion wants next."""
+    from hetero_convert.convert import hf_to_megatron, megatron_to_hf
+
+    reads: list[tuple[str, int, int]] = []
+    real = os.preadv
+
+    def recorded(fd, buffers, offset, *rest):
+        got = real(fd, buffers, offset, *rest)
+        reads.append((os.readlink(f"/proc/self/fd/{fd}"), offset, got))
+        return got
+
+    monkeypatch.setattr(os, "preadv", recorded)
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    for run, source in ((lambda cb: hf_to_megatron(tiny_sources["tiny-every-kind"], meg, tp=tp, checksums=False,
+                                                   on_read_plan=cb), tiny_sources["tiny-every-kind"]),
+                        (lambda cb: megatron_to_hf(meg, back, on_read_plan=cb), meg)):
+        plans: list[list] = []
+        reads.clear()
+        run(plans.append)
+        (plan,) = plans
+        assert plan and all(str(p).startswith(str(source)) for p, _, _ in plan)
+        first_read: dict[int, int] = {}
+        for k, (path, at, n) in enumerate(r for r in reads if r[0].startswith(str(source))):
+            inside = [i for i, (p, a, length) in enumerate(plan) if str(p) == path and a <= at and at + n <= a + length]
+            assert inside, (path, at, n)
+            for i in inside:
+                first_read.setdefault(i, k)
+        assert sorted(first_read) == list(range(len(plan)))  # every planned range is read
+        order = [first_read[i] for i in range(len(plan))]
+        assert order == sorted(order)

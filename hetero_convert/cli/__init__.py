@@ -197,7 +197,8 @@ def hf_to_megatron_cmd(
         with Progress(total, "hf-to-megatron", not as_json and env.size == 1) as prog:
             s = hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, workers=workers, overwrite=overwrite,
                                strict=strict, checksums=(hashes if single else True) if checksums else False,
-                               progress=prog, distributed=distributed, megatron_core=megatron_core)
+                               progress=prog, distributed=distributed, megatron_core=megatron_core,
+                               on_read_plan=ahead.follow)
     except HeteroConvertError as e:
         hashes.close()
         fail_job(e)
@@ -252,7 +253,7 @@ def megatron_to_hf_cmd(
             s = megatron_to_hf(megatron_dir, out_dir, max_shard_size=max_shard_size, dtype=dtype,
                                tokenizer_from=tokenizer_from, workers=workers, overwrite=overwrite, strict=strict,
                                progress=prog, distributed=distributed, schema=schema,
-                               verify_integrity=verify_integrity)
+                               verify_integrity=verify_integrity, on_read_plan=ahead.follow)
     except (HeteroConvertError, FileNotFoundError) as e:
         fail_job(e)
     finally:

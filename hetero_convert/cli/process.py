@@ -71,5 +71,17 @@ class ReadAheadShare:
         if not self.through:
             self.reader.stop()
 
+    def follow(self, plan) -> None:
+        """The conversion knows what it will read, in order (`plan`: (path, offset, length) ranges): from now on
+        read ahead exactly that, where reading on pays. Reading the files themselves, in whatever order, left
+        megatron-to-hf from TP=8 waiting on its first tensor (the embedding, whose chunks start eight of the
+        sixty-four files) while the rest was read, and writing almost nothing until everything had been
+        (docs/benchmarks.md, run 13)."""
+        from ..io.read_ahead import ReadAhead
+
+        if plan and self.through and not self.reader.stopped:
+            self.reader.stop()
+            self.reader = ReadAhead(ranges=plan)
+
     def done(self) -> None:
         self.reader.stop()

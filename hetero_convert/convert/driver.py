@@ -133,7 +133,7 @@ def _merge_counts(summary: Summary, parts: list[dict]) -> None:
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep", workers: int = 1,
                    overwrite: bool = False, strict: bool = False, checksums: "bool | FileHashes" = True,
                    progress: Callable[[int], None] | None = None, distributed: bool | None = None,
-                   megatron_core: str = "any") -> Summary:
+                   megatron_core: str = "any", on_read_plan: Callable[[list], None] | None = None) -> Summary:
     """HF checkpoint -> Megatron torch_dist checkpoint at (tp, pp), streaming; every process of a job returns
     the same Summary.
 
@@ -142,7 +142,9 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
     `FileHashes` of them already under way (the CLI starts one before importing torch). `progress(nbytes)` is
     called for every chunk written. `distributed`: see `Comm`. `megatron_core`: the version that will load it,
     which decides the form of the common state ("any": both forms, loads in every supported version; "0.16",
-    "0.17", "0.18": common.pt; "0.19": 0.19's common_state object only; megatron/compat.py)."""
+    "0.17", "0.18": common.pt; "0.19": 0.19's common_state object only; megatron/compat.py).
+    `on_read_plan(ranges)`: called once the inputs are checked, with the (file, offset, length) ranges this
+    process will read, in the order it starts on them (the CLI reads ahead along them)."""
     t0 = time.time()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=MEGATRON,
@@ -166,6 +168,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
         finally:
             if isinstance(checksums, FileHashes) and job is None:
                 checksums.close()
+        if on_read_plan is not None:
+            on_read_plan(job.read_plan([job.grouped.groups[g] for g in mine]))
 
         def work():
             started = checksums if isinstance(checksums, FileHashes) and comm.world == 1 else None
@@ -207,14 +211,14 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
                    tokenizer_from: str | Path | None = None, workers: int = 1, overwrite: bool = False,
                    strict: bool = False, progress: Callable[[int], None] | None = None,
                    distributed: bool | None = None, schema: str | None = None,
-                   verify_integrity: bool = True) -> Summary:
+                   verify_integrity: bool = True, on_read_plan: Callable[[list], None] | None = None) -> Summary:
     """Megatron torch_dist checkpoint (saved at any TP/PP, ours or a training run's) -> HF checkpoint, streaming;
     every process of a job returns the same Summary. Options as for `hf_to_megatron`; `progress` may also have
     `set_total(nbytes)`, called once the checkpoint has been read. `schema`: the config.json written, "auto"
     (None: the source's own), "decilm", "llama", "puzzletron" or "anymodel". `verify_integrity`: when the
     folder has megatron's integrity.json, the files it lists are hashed while converting (each process a
     share) and the output is committed only if every digest matches; this reads the whole folder, optimizer
-    state included."""
+    state included. `on_read_plan`: as for `hf_to_megatron`."""
     t0 = time.time()
     out_dir = Path(out_dir)
     with Comm(distributed) as comm, Staging(out_dir, overwrite, active=comm.rank == 0, kind=HF,
@@ -236,6 +240,8 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
         tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
         if hasattr(progress, "set_total"):  # a progress bar learns the total once the checkpoint has been read
             progress.set_total(job.total_bytes())
+        if on_read_plan is not None:
+            on_read_plan(job.read_plan(mine))
 
         def work():
             hashes = FileHashes(hashed)  # on background threads, while this process converts its share

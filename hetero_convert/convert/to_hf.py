@@ -176,6 +176,10 @@ class ToHFJob:
         """Every shard file with its header (one process, before any process writes its share)."""
         ShardedWriter.create_files(tmp, self.shard_layout)
 
+    def read_plan(self, picked: list[int]) -> list[tuple[Path, int, int]]:
+        """The byte ranges `write_tensors(picked)` reads, in the order it starts on them."""
+        return [r for i in picked for r in self.reader.read_ranges(self.maps[i].megatron)]
+
     def tensor_costs(self) -> list[int]:
         """Bytes read and written per Megatron tensor: the unit of work of a job over several processes."""
         return [self.stored_bytes(m) + sum(math.prod(s) for s in m.hf_shapes) * self.dtype_of(m).itemsize

@@ -179,6 +179,20 @@ class ToMegatronJob:
             if item.type.name == "BYTE_IO":
                 yield item, extra_state_payload()
 
+    def read_plan(self, groups: list[list]) -> list[tuple[Path, int, int]]:
+        """The source byte ranges of `groups`, in their order (the writer threads each go through their share
+        of them in that order): each mapping's HF tensors, whole. Empty for a quantized source, which is read
+        through its dequantizing reader."""
+        if type(self.ckpt) is not HFCheckpoint:
+            return []
+        plan = []
+        for group in groups:
+            chunked = [it for it in group if it.type.name != "BYTE_IO"]
+            if chunked:
+                m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
+                plan.extend((info.file, info.offset, info.nbytes) for info in (self.ckpt.tensors[k] for k in m.hf))
+        return plan
+
     def description(self, checksums: dict) -> dict:
         return {
             "format": DESCRIPTION_FORMAT, "format_version": FORMAT_VERSION,

@@ -428,6 +428,17 @@ class DCPReader:
             del part
         return out
 
+    def read_ranges(self, key: str) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of every record `load(key)` reads, in the order it reads them."""
+        if key in self._views:
+            stored, i, _ = self._views[key]
+            chunks = [c for c in self.metadata.state_dict_metadata[stored].chunks
+                      if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+        else:
+            stored, chunks = key, self.metadata.state_dict_metadata[key].chunks
+        infos = [self.metadata.storage_data[MetadataIndex(stored, c.offsets)] for c in chunks]
+        return [(self.path / info.relative_path, info.offset, info.length) for info in infos]
+
     def tensor_bytes(self, key: str) -> int:
         md = self._views[key][2] if key in self._views else self.metadata.state_dict_metadata[key]
         n = md.properties.dtype.itemsize

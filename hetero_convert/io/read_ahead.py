@@ -39,51 +39,54 @@ def _read_block(fd: int, buf: memoryview, at: int) -> int:
 
 
 class _Blocks:
-    """The files' blocks in the order a conversion wants them. `interleaved=False`: file after file (HF shards:
-    the model's tensors in order, one shard after the other). `interleaved=True`: all files abreast, the next
-    block always from the file least far through (DCP data files: every rank's file holds its chunks in model
-    order, and one tensor's chunks are in each rank's file, so a conversion in model order reads them all
-    abreast; file after file, it waited on reads of the files not reached yet, and wrote little until
-    everything had been read: docs/benchmarks.md, run 12). Files that are missing are skipped."""
+    """Byte ranges of files, as blocks in the order a conversion wants them. `interleaved=False`: range after
+    range (a conversion's read plan; HF shards, whose tensors a conversion reads shard after shard).
+    `interleaved=True`: all ranges abreast, the next block always from the range least far through (DCP data
+    files, before the plan is known: each holds its chunks in model order). Missing files are skipped."""
 
-    def __init__(self, paths: list[Path], interleaved: bool):
-        self.files: list[tuple[Path, int]] = []
-        for p in paths:
-            try:
-                size = os.stat(p).st_size
-            except OSError:
-                continue
-            if size > 0:
-                self.files.append((p, size))
+    def __init__(self, ranges: list[tuple[Path, int, int]], interleaved: bool):
+        self.ranges = [(p, a, n) for p, a, n in ranges if n > 0]
         self.interleaved = interleaved
-        self.heap = [(0.0 if interleaved else k, k, 0) for k in range(len(self.files))]  # (key, file, offset)
+        self.heap = [(0.0 if interleaved else k, k, 0) for k in range(len(self.ranges))]  # (key, range, done)
         heapq.heapify(self.heap)
 
+    @classmethod
+    def of_files(cls, paths: list[Path], interleaved: bool) -> _Blocks:
+        ranges = []
+        for p in paths:
+            try:
+                ranges.append((p, 0, os.stat(p).st_size))
+            except OSError:
+                continue
+        return cls(ranges, interleaved)
+
     def next(self) -> tuple[Path, int, int, int] | None:
-        """(path, offset, length, file index) of the next block, or None at the end."""
+        """(path, offset, length, range index) of the next block, or None at the end."""
         if not self.heap:
             return None
-        _, k, at = heapq.heappop(self.heap)
-        path, size = self.files[k]
-        n = min(BLOCK, size - at)
-        if at + n < size:  # the key: how far through its file (abreast), or the file's place (one after another)
-            heapq.heappush(self.heap, ((at + n) / size if self.interleaved else k, k, at + n))
-        return path, at, n, k
+        _, k, done = heapq.heappop(self.heap)
+        path, start, size = self.ranges[k]
+        n = min(BLOCK, size - done)
+        if done + n < size:  # the key: how far through its range (abreast), or the range's place (in turn)
+            heapq.heappush(self.heap, ((done + n) / size if self.interleaved else k, k, done + n))
+        return path, start + done, n, k
 
     def drop(self, k: int) -> None:
-        """No more blocks of file k (it ended early: it shrank since it was listed)."""
+        """No more blocks of range k (its file ended early: it shrank since it was listed)."""
         self.heap = [e for e in self.heap if e[1] != k]
         heapq.heapify(self.heap)
 
 
 class ReadAhead:
-    """Read `paths` on background threads (daemons) until `stop()`, the end of the files, or `limit` bytes
-    (default: a quarter of the available memory) in all, block by block in the order `_Blocks` gives. Read
-    errors are ignored: the conversion reads the same bytes again and reports them."""
+    """Read `paths` (or the byte `ranges` (path, offset, length), in their order: a conversion's read plan) on
+    background threads (daemons) until `stop()`, the end, or `limit` bytes (default: a quarter of the available
+    memory) in all, block by block in the order `_Blocks` gives. Read errors are ignored: the conversion reads
+    the same bytes again and reports them."""
 
-    def __init__(self, paths: Iterable[str | Path], limit: int | None = None, threads: int | None = None,
-                 interleaved: bool = False):
-        self._blocks = _Blocks([Path(p) for p in paths], interleaved)
+    def __init__(self, paths: Iterable[str | Path] = (), limit: int | None = None, threads: int | None = None,
+                 interleaved: bool = False, ranges: list[tuple[Path, int, int]] | None = None):
+        self._blocks = _Blocks(ranges, False) if ranges is not None else \
+            _Blocks.of_files([Path(p) for p in paths], interleaved)
         self._left = available_memory() // 4 if limit is None else limit
         self._stopped = threading.Event()
         self._lock = threading.Lock()
@@ -125,6 +128,10 @@ class ReadAhead:
                 if got < want:  # vanished or shrank: the rest of the allowance is not spent, the rest not read
                     self._left += want - got
                     self._blocks.drop(k)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     def stop(self) -> int:
         """Stop reading (between blocks; the threads are not waited for). Returns the bytes read so far."""
