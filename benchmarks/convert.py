@@ -113,14 +113,16 @@ def _block_stats(path: Path) -> list[Path]:
     return [d / "stat" for d in Path("/sys/block").glob("*") if (d / "device").exists() and (d / "stat").is_file()]
 
 
-def _disk_counters(files: list[Path]) -> tuple[int, int, int, int, int]:
-    """(read I/Os, sectors read, write I/Os, sectors written, ms busy) summed over `files` (block/stat.rst)."""
-    total = [0] * 5
+def _disk_counters(files: list[Path]) -> tuple:
+    """(read I/Os, sectors read, write I/Os, sectors written) summed over `files`, and each one's ms busy
+    (Documentation/block/stat.rst)."""
+    total, busy = [0] * 4, []
     for f in files:
         v = [int(x) for x in f.read_text().split()]
-        for k, i in enumerate((0, 2, 4, 6, 9)):
+        for k, i in enumerate((0, 2, 4, 6)):
             total[k] += v[i]
-    return tuple(total)
+        busy.append(v[9])
+    return (*total, tuple(busy))
 
 
 class DiskReads:
@@ -131,12 +133,16 @@ class DiskReads:
     step: bytes read and written, the share of the time it was busy, the mean request sizes, and a series of
     (seconds, read MB/s, write MB/s) every 0.5 s."""
 
-    def __init__(self, pid: int, t0: float, source_bytes: int, disk: list[Path] | None = None):
+    def __init__(self, pid: int, t0: float, source_bytes: int, disk: list[Path] | None = None,
+                 children_only: bool = False):
         self.pid, self.t0, self.target = pid, t0, 0.99 * source_bytes
+        # children_only: `pid` is this benchmark itself (the parallel copy's dd processes are its children); its
+        # own count also grows by each child's when that is reaped, which would count the child twice
+        self.children_only = children_only
         self.first = self.most = None
         self._seen: dict[int, int] = {}
         self.disk = disk or []
-        self.series: list[tuple[float, int, int, int, int, int]] = []
+        self.series: list[tuple] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -146,9 +152,11 @@ class DiskReads:
             self.series.append((now, *_disk_counters(self.disk)))
 
     def _run(self) -> None:
-        self._sample_disk(0.0)
+        self._sample_disk(time.perf_counter() - self.t0)
         while not self._stop.is_set():
             for p in _tree(self.pid):
+                if self.children_only and p == self.pid:
+                    continue
                 try:
                     with open(f"/proc/{p}/io") as f:
                         self._seen[p] = max(self._seen.get(p, 0), int(f.read().split("read_bytes:")[1].split()[0]))
@@ -176,7 +184,7 @@ class DiskReads:
         steps = [(round(b[0], 1), round((b[2] - a[2]) * mb / (b[0] - a[0])), round((b[4] - a[4]) * mb / (b[0] - a[0])))
                  for a, b in zip(self.series, self.series[1:]) if b[0] > a[0]]
         return {"disk_read_GB": round((rs1 - rs0) * 512 / 1e9, 2), "disk_write_GB": round((ws1 - ws0) * 512 / 1e9, 2),
-                "disk_busy": round((b1 - b0) / 1e3 / max(t1 - t0, 1e-9), 2),
+                "disk_busy": round(max(b - a for a, b in zip(b0, b1)) / 1e3 / max(t1 - t0, 1e-9), 2),  # the busiest
                 "read_req_KiB": round((rs1 - rs0) / 2 / max(1, r1 - r0)),
                 "write_req_KiB": round((ws1 - ws0) / 2 / max(1, w1 - w0)), "disk_MBps": steps}
 
@@ -229,7 +237,7 @@ def parallel_copy(src: Path, dst: Path, procs: int, disk: list[Path] | None = No
             pos += n
             start += n
     t = time.perf_counter()
-    reads = DiskReads(os.getpid(), t, total, disk)
+    reads = DiskReads(os.getpid(), t, total, disk, children_only=True)
     with ThreadPoolExecutor(max_workers=procs) as pool:
         for rc in pool.map(lambda c: subprocess.run(c).returncode, jobs):
             assert rc == 0
@@ -386,8 +394,13 @@ def main() -> None:
                 step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
                                  str(root / "out"), "--workers", str(args.torchrun_workers)], megs[tp], root / "out")
-            shutil.rmtree(megs[tp], ignore_errors=True)  # a small disk holds one TP's checkpoint at a time
+            if not (args.reshard and tp == 1):  # a small disk holds one TP's checkpoint at a time
+                shutil.rmtree(megs[tp], ignore_errors=True)
         if args.reshard and 1 in megs:
+            if not megs[1].exists():  # megatron-to-hf not timed: its source, by this version
+                step(f"hf-to-megatron TP=1 workers={wmax} (the source of what follows)", cli + [
+                     "hf-to-megatron", str(src), str(megs[1]), "--tp", "1", "--workers", str(wmax), "--json"],
+                     src, megs[1], keep=True)
             for tp in [t for t in ints(args.tp) if t != 1]:
                 w = max(ints(args.workers))
                 step(f"megatron-to-megatron TP=1 -> TP={tp} workers={w}", cli + ["megatron-to-megatron",

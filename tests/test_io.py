@@ -411,7 +411,10 @@ def test_hashing_process_reads_ahead_too_only_where_cores_are_plentiful(tmp_path
     for t in ahead.reader._threads:
         t.join(timeout=10)
     assert ahead.reader.stop() == (3 << 20 if reads else 0)
-    assert process.ReadAheadShare([tmp_path / "f"], 0, 1, hashed=False).reader._threads  # not hashed: always
+    unhashed = process.ReadAheadShare([tmp_path / "f"], 0, 1, hashed=False)  # not hashed: read ahead anyway
+    for t in unhashed.reader._threads:
+        t.join(timeout=10)
+    assert unhashed.reader.stop() == 3 << 20
 
 
 def test_fsync_refusal_by_the_filesystem_is_not_a_failure_but_a_write_error_is(tmp_path, monkeypatch):
@@ -469,3 +472,51 @@ def test_the_read_plan_is_what_the_conversion_then_reads_in_that_order(tmp_path,
         assert sorted(first_read) == list(range(len(plan)))  # every planned range is read
         order = [first_read[i] for i in range(len(plan))]
         assert order == sorted(order)
+
+
+def test_read_ahead_allowance_is_the_nodes_and_the_plan_reader_takes_what_is_left(tmp_path, monkeypatch):
+    """A quarter of the available memory in all: the processes of one node share it (torchrun), and the reader
+    that follows the plan gets only what the files' reader left of it, reading a range listed twice once."""
+    from hetero_convert.cli import process
+    from hetero_convert.io import read_ahead
+
+    mib = 1 << 20
+    (tmp_path / "f").write_bytes(bytes(4 * mib))
+    monkeypatch.setattr(process.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(read_ahead, "available_memory", lambda: 4 * 6 * mib)  # a 6 MiB allowance per node
+
+    def finished(ahead):
+        for t in ahead.reader._threads:
+            t.join(timeout=10)
+        return ahead.reader.bytes_read
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert finished(process.ReadAheadShare([tmp_path / "f"], 0, 1)) == 3 * mib  # half of it each
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    ahead = process.ReadAheadShare([tmp_path / "f"], 0, 1)
+    assert finished(ahead) == 4 * mib and ahead.reader.allowance == 2 * mib
+    reads, real = [], read_ahead._read_block
+    monkeypatch.setattr(read_ahead, "_read_block", lambda fd, buf, at: (reads.append((at, len(buf))),
+                                                                        real(fd, buf, at))[1])
+    ahead.follow([(tmp_path / "f", 0, mib), (tmp_path / "f", 0, mib), (tmp_path / "f", mib, 3 * mib)])
+    assert finished(ahead) == 2 * mib
+    assert sorted(reads) == [(0, mib), (mib, mib)]
+
+
+def test_a_failing_read_plan_callback_does_not_fail_the_conversion(tmp_path, tiny_sources):
+    """Reading ahead only brings reads forward: a callback that cannot start (no thread to be had) is
+    ignored, and the conversion completes and is exact."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hetero_convert.convert import hf_to_megatron, megatron_to_hf
+
+    def refuse(plan):
+        raise RuntimeError("can't start new thread")
+
+    src = tiny_sources["tiny-llama"]
+    hf_to_megatron(src, tmp_path / "meg", checksums=False, on_read_plan=refuse)
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", on_read_plan=refuse)
+    a = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

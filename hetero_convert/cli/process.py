@@ -60,12 +60,15 @@ class ReadAheadShare:
     the same NVMe disk (docs/benchmarks.md, run 11): there both run."""
 
     def __init__(self, files, rank: int, size: int, hashed: bool = False, interleaved: bool = False):
-        from ..io.read_ahead import ReadAhead
+        from ..io.read_ahead import ReadAhead, available_memory
         from ..packing import share_of_files
 
         self.through = (os.cpu_count() or 1) >= READ_AHEAD_THROUGH_CORES
+        # The read-ahead's allowance (a quarter of the available memory) is the node's: under torchrun each of
+        # the node's processes gets its part of it.
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
         self.reader = ReadAhead(share_of_files(files, rank, size) if self.through or not hashed else [],
-                                interleaved=interleaved)
+                                limit=available_memory() // 4 // local, interleaved=interleaved)
 
     def imported(self) -> None:
         if not self.through:
@@ -81,7 +84,9 @@ class ReadAheadShare:
 
         if plan and self.through and not self.reader.stopped:
             self.reader.stop()
-            self.reader = ReadAhead(ranges=plan)
+            # what is left of the allowance; a range listed twice (a stacked chunk holding several layers is
+            # read for each) is read ahead once
+            self.reader = ReadAhead(ranges=list(dict.fromkeys(plan)), limit=self.reader.allowance)
 
     def done(self) -> None:
         self.reader.stop()

@@ -130,6 +130,17 @@ def _merge_counts(summary: Summary, parts: list[dict]) -> None:
     summary.warnings = list(dict.fromkeys(w for p in parts for w in p["warnings"]))
 
 
+def _announce(on_read_plan: Callable[[list], None] | None, plan: Callable[[], list]) -> None:
+    """Hand the read plan to whoever reads ahead along it. Reading ahead only brings reads forward: if it
+    cannot start (no thread to be had, say), the conversion goes on without it rather than failing."""
+    if on_read_plan is None:
+        return
+    try:
+        on_read_plan(plan())
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
+
+
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype="keep", workers: int = 1,
                    overwrite: bool = False, strict: bool = False, checksums: "bool | FileHashes" = True,
                    progress: Callable[[int], None] | None = None, distributed: bool | None = None,
@@ -168,8 +179,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
         finally:
             if isinstance(checksums, FileHashes) and job is None:
                 checksums.close()
-        if on_read_plan is not None:
-            on_read_plan(job.read_plan([job.grouped.groups[g] for g in mine]))
+        _announce(on_read_plan, lambda: job.read_plan([job.grouped.groups[g] for g in mine]))
 
         def work():
             started = checksums if isinstance(checksums, FileHashes) and comm.world == 1 else None
@@ -240,8 +250,7 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, max_shard_size
         tmp = Path(agree(comm, "checking the inputs", setup, stage.cleanup)[0])
         if hasattr(progress, "set_total"):  # a progress bar learns the total once the checkpoint has been read
             progress.set_total(job.total_bytes())
-        if on_read_plan is not None:
-            on_read_plan(job.read_plan(mine))
+        _announce(on_read_plan, lambda: job.read_plan(mine))
 
         def work():
             hashes = FileHashes(hashed)  # on background threads, while this process converts its share

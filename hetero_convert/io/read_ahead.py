@@ -99,8 +99,8 @@ class ReadAhead:
 
     def _next(self) -> tuple[Path, int, int, int] | None:
         with self._lock:
-            block = self._blocks.next()
-            if block is None or self._left <= 0:
+            block = self._blocks.next() if self._left > 0 else None
+            if block is None:
                 return None
             path, at, n, k = block
             n = min(n, self._left)
@@ -132,6 +132,12 @@ class ReadAhead:
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    @property
+    def allowance(self) -> int:
+        """Bytes it may still read."""
+        with self._lock:
+            return self._left
 
     def stop(self) -> int:
         """Stop reading (between blocks; the threads are not waited for). Returns the bytes read so far."""
