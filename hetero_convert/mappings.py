@@ -199,7 +199,6 @@ class TensorMapping:
         concatenate), so a chunk costs its own size, plus one piece when the dtype changes."""
         offsets, sizes = chunk.offsets, chunk.sizes
         r0, nrows = offsets[0], sizes[0]
-        cols = slice(offsets[1], offsets[1] + sizes[1]) if self.tp_rule == "cols" else None
         out = torch.empty(tuple(sizes), dtype=dtype)
         pos = 0
         for seg, a, b in self.pieces(r0, r0 + nrows):
@@ -208,6 +207,9 @@ class TensorMapping:
                 target.zero_()
             else:
                 name = self.hf[seg.source]
+                # A column chunk as wide as its source (TP=1) is a plain row range: one read, not one per row.
+                narrower = self.tp_rule == "cols" and (offsets[1], sizes[1]) != (0, self.hf_shapes[seg.source][1])
+                cols = slice(offsets[1], offsets[1] + sizes[1]) if narrower else None
                 src_dtype = source.dtype_of(name)
                 if src_dtype == dtype:
                     source.read_into(target, name, a, cols)

@@ -472,6 +472,17 @@ def test_the_read_plan_is_what_the_conversion_then_reads_in_that_order(tmp_path,
         assert sorted(first_read) == list(range(len(plan)))  # every planned range is read
         order = [first_read[i] for i in range(len(plan))]
         assert order == sorted(order)
+        if tp == 1 and source == tiny_sources["tiny-every-kind"]:
+            # a row-parallel weight (o_proj, down_proj) read whole is one contiguous read, not one per row
+            from hetero_convert.io.hf_reader import HFCheckpoint
+
+            infos = {(str(i.file), i.offset): name for name, i in HFCheckpoint(source).tensors.items()}
+            source_reads = [r for r in reads if r[0].startswith(str(source))]
+            row_parallel = [(str(p), a, n) for p, a, n in plan
+                            if infos[(str(p), a)].endswith(("o_proj.weight", "down_proj.weight"))]
+            assert row_parallel
+            for p, a, n in row_parallel:
+                assert sum(1 for path, at, _ in source_reads if path == p and a <= at < a + n) == 1
 
 
 def test_read_ahead_allowance_is_the_nodes_and_the_plan_reader_takes_what_is_left(tmp_path, monkeypatch):
