@@ -351,6 +351,13 @@ def main() -> None:
         tag = " no checksums" if args.no_checksums else ""
         other, wmax = args.compare_with and str(Path(args.compare_with).resolve()), max(ints(args.workers))
         directions = args.directions.split(",")
+
+        def megatron_source(tp: int) -> None:
+            """The TP checkpoint a later step reads, written by this version where hf-to-megatron left none."""
+            if not megs[tp].exists():
+                step(f"hf-to-megatron TP={tp} workers={wmax} (the source of what follows)", cli + [
+                     "hf-to-megatron", str(src), str(megs[tp]), "--tp", str(tp), "--workers", str(wmax), "--json"],
+                     src, megs[tp], keep=True)
         for tp in ints(args.tp):
             megs[tp] = root / f"meg-tp{tp}"
             if "hf-to-megatron" not in directions:
@@ -377,10 +384,7 @@ def main() -> None:
         for tp in ints(args.tp):
             if "megatron-to-hf" not in directions:
                 continue
-            if not megs[tp].exists():  # only megatron-to-hf asked for: its source, by this version
-                step(f"hf-to-megatron TP={tp} workers={wmax} (the source of what follows)", cli + [
-                     "hf-to-megatron", str(src), str(megs[tp]), "--tp", str(tp), "--workers", str(wmax), "--json"],
-                     src, megs[tp], keep=True)
+            megatron_source(tp)
             for r in range(args.repeat):
                 again = f" (run {r + 1})" if args.repeat > 1 else ""
                 for w in ints(args.workers):
@@ -397,10 +401,7 @@ def main() -> None:
             if not (args.reshard and tp == 1):  # a small disk holds one TP's checkpoint at a time
                 shutil.rmtree(megs[tp], ignore_errors=True)
         if args.reshard and 1 in megs:
-            if not megs[1].exists():  # megatron-to-hf not timed: its source, by this version
-                step(f"hf-to-megatron TP=1 workers={wmax} (the source of what follows)", cli + [
-                     "hf-to-megatron", str(src), str(megs[1]), "--tp", "1", "--workers", str(wmax), "--json"],
-                     src, megs[1], keep=True)
+            megatron_source(1)
             for tp in [t for t in ints(args.tp) if t != 1]:
                 w = max(ints(args.workers))
                 step(f"megatron-to-megatron TP=1 -> TP={tp} workers={w}", cli + ["megatron-to-megatron",
