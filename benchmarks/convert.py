@@ -263,7 +263,8 @@ def main() -> None:
     ap.add_argument("--tp", default="1", help="Megatron TP sizes to convert to and from")
     ap.add_argument("--workers", default="1,2,4", help="--workers values (any list)")
     ap.add_argument("--torchrun", default="", help="process counts to also run under torchrun (one node)")
-    ap.add_argument("--torchrun-workers", type=int, default=2, help="--workers of each torchrun process")
+    ap.add_argument("--torchrun-workers", type=int, default=0,
+                    help="--workers of each torchrun process (0: the largest --workers split over the processes)")
     ap.add_argument("--copy-procs", type=int, default=8, help="processes of the parallel-copy floor")
     ap.add_argument("--reshard", action="store_true", help="also time megatron-to-megatron from TP=1")
     ap.add_argument("--no-checksums", action="store_true", help="hf-to-megatron without hashing the source")
@@ -352,6 +353,9 @@ def main() -> None:
         other, wmax = args.compare_with and str(Path(args.compare_with).resolve()), max(ints(args.workers))
         directions = args.directions.split(",")
 
+        def per_process(n: int) -> int:  # the same threads in all, however many processes share them
+            return args.torchrun_workers or max(1, wmax // n)
+
         def megatron_source(tp: int) -> None:
             """The TP checkpoint a later step reads, written by this version where hf-to-megatron left none."""
             if not megs[tp].exists():
@@ -376,9 +380,9 @@ def main() -> None:
                          "hf-to-megatron", str(src), str(out), "--tp", str(tp), "--workers", str(wmax), "--json",
                          *nohash], src, out, other=other)
             for n in ints(args.torchrun):
-                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={args.torchrun_workers}){tag}",
+                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={per_process(n)}){tag}",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron", str(src),
-                                 str(root / "out"), "--tp", str(tp), "--workers", str(args.torchrun_workers),
+                                 str(root / "out"), "--tp", str(tp), "--workers", str(per_process(n)),
                                  *nohash],
                      src, root / "out")
         for tp in ints(args.tp):
@@ -395,9 +399,9 @@ def main() -> None:
                          "megatron-to-hf", str(megs[tp]), str(root / "out"), "--workers", str(wmax), "--json"],
                          megs[tp], root / "out", other=other)
             for n in ints(args.torchrun):
-                step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={args.torchrun_workers})",
+                step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={per_process(n)})",
                      torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
-                                 str(root / "out"), "--workers", str(args.torchrun_workers)], megs[tp], root / "out")
+                                 str(root / "out"), "--workers", str(per_process(n))], megs[tp], root / "out")
             if not (args.reshard and tp == 1):  # a small disk holds one TP's checkpoint at a time
                 shutil.rmtree(megs[tp], ignore_errors=True)
         if args.reshard and 1 in megs:

@@ -249,6 +249,22 @@ class TensorMapping:
             pos += b - a
         return outs
 
+    def byte_pieces(self, chunk: Chunk, itemsize: int) -> list[tuple[str | None, int, int]] | None:
+        """The chunk's bytes in order, as (HF tensor, byte offset in it, length), None for zero padding, when
+        its rows are whole HF rows (so each piece is one contiguous range of its source); None for a column
+        chunk narrower than its source (a row-parallel weight at TP > 1), whose rows are strided."""
+        r0, nrows = chunk.offsets[0], chunk.sizes[0]
+        row_bytes = math.prod(chunk.sizes[1:]) * itemsize
+        out = []
+        for seg, a, b in self.pieces(r0, r0 + nrows):
+            if seg.source is None:
+                out.append((None, 0, (b - a) * row_bytes))
+                continue
+            if tuple(chunk.sizes[1:]) != tuple(self.hf_shapes[seg.source][1:]):
+                return None
+            out.append((self.hf[seg.source], a * row_bytes, (b - a) * row_bytes))
+        return out
+
     def read_local(self, source: TensorSource, tp: int, tp_rank: int, dtype: torch.dtype) -> torch.Tensor:
         """What rank `tp_rank` of a run at `tp` holds of this tensor, read from HF tensors."""
         parts = [self.read_chunk(source, c, dtype) for c in self.local_chunks(tp, tp_rank)]

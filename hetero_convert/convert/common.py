@@ -55,18 +55,33 @@ class ErrorSink:
 
 
 def check_finite(t: torch.Tensor, what: str, sink: ErrorSink, strict: bool) -> None:
-    # min and max propagate NaN, and an Inf is itself the min or max, so a finite (min, max) proves every
-    # value finite. aminmax reads the tensor once in its own dtype with no temporary, where a float32 sum
-    # (converting first) or an elementwise isfinite cost 20-40x more. Only a tensor that fails pays for the
-    # exact count.
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t.reshape(-1))
-    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-        return
-    bad = int((~torch.isfinite(t)).sum())
-    msg = f"{what}: {bad} NaN/Inf values"
-    (sink.error if strict else sink.warn)(msg + (" (refused: --strict)" if strict else ""))
+    finite = FiniteCount(what, sink, strict)
+    finite(t)
+    finite.report()
+
+
+class FiniteCount:
+    """The NaN/Inf check of one tensor, seen whole or a block at a time (a chunk streamed through a small
+    buffer); `report()` records what it found once: an error under `strict`, else a warning."""
+
+    def __init__(self, what: str, sink: ErrorSink, strict: bool):
+        self.what, self.sink, self.strict, self.bad = what, sink, strict, 0
+
+    def __call__(self, t: torch.Tensor) -> None:
+        # min and max propagate NaN, and an Inf is itself the min or max, so a finite (min, max) proves every
+        # value finite. aminmax reads the tensor once in its own dtype with no temporary, where a float32 sum
+        # (converting first) or an elementwise isfinite cost 20-40x more. Only a tensor that fails pays for the
+        # exact count.
+        if not t.is_floating_point() or t.numel() == 0:
+            return
+        lo, hi = torch.aminmax(t.reshape(-1))
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            self.bad += int((~torch.isfinite(t)).sum())
+
+    def report(self) -> None:
+        if self.bad:
+            msg = f"{self.what}: {self.bad} NaN/Inf values"
+            (self.sink.error if self.strict else self.sink.warn)(msg + (" (refused: --strict)" if self.strict else ""))
 
 
 def parse_size(s: str | int) -> int:

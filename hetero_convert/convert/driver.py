@@ -186,12 +186,13 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
             hashes = started or FileHashes(hashed)
             groups = job.grouped.groups
             try:
-                # A tensor in flight costs its chunks (all of them, for column chunks cut from whole rows).
-                largest = max(job.grouped.write_bytes(g) for g in groups)
+                # A tensor in flight costs the chunks it reads whole (all of them, for column chunks cut from
+                # whole rows); a streamed chunk costs only its thread's block buffer.
+                largest = max(job.held_bytes(g) for g in groups)
                 results = write_groups(tmp / ITERATION_DIR, [groups[g] for g in mine], job.produce,
                                        job.grouped.rank_of, threads=workers,
                                        file_tag=f"p{comm.rank}_" if comm.world > 1 else "",
-                                       budget=ByteBudget(largest) if workers > 1 else None)
+                                       budget=ByteBudget(largest) if workers > 1 else None, held=job.held_bytes)
                 job.sink.raise_if_any()
                 sums = hashes.results(hashed)
             finally:

@@ -19,6 +19,7 @@ import torch
 from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import bytes_item, extra_state_payload, tensor_item
+from ..io.streamed import StreamedChunk, can_stream
 from ..io.hf_reader import HFCheckpoint
 from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
@@ -28,7 +29,12 @@ from ..layout import require_layout
 from ..mappings import TensorMapping, bind, ignored_hf_key
 from ..megatron.compat import COMMON_STATE, COMMON_STATE_KEY, common_forms, common_state_payload
 from ..plan import load_config, load_plan
-from .common import ErrorSink, Summary, check_finite
+from .common import ErrorSink, FiniteCount, Summary, check_finite
+
+
+# Smaller chunks are read whole: their allocations come from the heap, already mapped, and streaming them would
+# add a pass over the record's header for nothing.
+STREAM_MIN_BYTES = 1 << 20
 
 
 def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
@@ -138,6 +144,7 @@ class ToMegatronJob:
         self.grouped = TensorGroups(self.maps, self.items)
         self.sink, self.summary = ErrorSink(), Summary(self.direction, str(hf_dir), str(out_dir))
         self.counter = threading.Lock()
+        self.streams = can_stream() and type(self.ckpt) is HFCheckpoint  # a quantized source dequantizes
 
     def dtype_of(self, m: TensorMapping) -> torch.dtype:
         return self.want or self.src_dtype[m.megatron]
@@ -149,9 +156,10 @@ class ToMegatronJob:
         return self.ckpt.total_bytes()
 
     def produce(self, group: list):
-        """(item, data) for every item of one tensor's group. A source that cannot be read, or NaN/Inf under
-        `strict`, is recorded and zeros are written, so the rank's files complete and the job then fails
-        naming every problem (they are checked before the commit)."""
+        """(item, data) for every item of one tensor's group. A chunk that is a plain copy of source bytes is
+        a `StreamedChunk`, written a block at a time; the others are read together into tensors. A source that
+        cannot be read, or NaN/Inf under `strict`, is recorded and zeros are written, so the rank's files
+        complete and the job then fails naming every problem (they are checked before the commit)."""
         alone = common_state_group(group)
         if alone is not None:
             yield alone
@@ -160,24 +168,64 @@ class ToMegatronJob:
         m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
         chunks = [self.lookup[(it.index.fqn, tuple(it.index.offset))][1] for it in chunked]
         dtype = self.dtype_of(m)
-        try:
-            tensors = m.read_chunks(self.ckpt, chunks, dtype)
-            for t in tensors:
-                check_finite(t, f"{m.where}: {m.megatron} (from {', '.join(m.hf)})", self.sink, self.strict)
-        except Exception as e:  # noqa: BLE001 - reported after the files are written
-            self.sink.error(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
-            tensors = [torch.zeros(c.sizes, dtype=dtype) for c in chunks]
-        for item, t in zip(chunked, tensors):
-            nbytes = t.numel() * t.element_size()
+        what = f"{m.where}: {m.megatron} (from {', '.join(m.hf)})"
+        pieces = [self.stream_pieces(m, c, dtype) for c in chunks]
+        plain = [c for c, p in zip(chunks, pieces) if p is None]
+        read: list[torch.Tensor] = []
+        if plain:
+            try:
+                read = m.read_chunks(self.ckpt, plain, dtype)
+                for t in read:
+                    check_finite(t, what, self.sink, self.strict)
+            except Exception as e:  # noqa: BLE001 - reported after the files are written
+                self.sink.error(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
+                read = [torch.zeros(c.sizes, dtype=dtype) for c in plain]
+        failed: list[str] = []
+
+        def fail(e: BaseException) -> None:  # once per tensor, however many of its chunks the error stops
+            if not failed:
+                failed.append(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
+                self.sink.error(failed[0])
+
+        for item, c, p in zip(chunked, chunks, pieces):
+            nbytes = math.prod(c.sizes) * dtype.itemsize
             with self.counter:
                 self.summary.bytes_written += nbytes
                 self.summary.chunks += 1
             if self.progress is not None:
                 self.progress(nbytes)
-            yield item, t
+            if p is None:
+                yield item, read.pop(0)
+                continue
+            finite = FiniteCount(what, self.sink, self.strict)
+            yield item, StreamedChunk(dtype, tuple(c.sizes), p, finite, fail)
+            finite.report()
         for item in group:
             if item.type.name == "BYTE_IO":
                 yield item, extra_state_payload()
+
+    def stream_pieces(self, m: TensorMapping, chunk, dtype: torch.dtype):
+        """The chunk as `StreamedChunk` pieces (readers of source byte ranges, None for padding), or None when
+        it is read whole: a dtype conversion, a quantized source, strided columns, or too small to gain."""
+        if not self.streams or any(self.ckpt.tensors[k].dtype != dtype for k in m.hf):
+            return None
+        pieces = m.byte_pieces(chunk, dtype.itemsize)
+        if pieces is None or sum(n for _, _, n in pieces) < STREAM_MIN_BYTES:
+            return None
+        return [(None if name is None else
+                 (lambda buf, at, name=name, start=start: self.ckpt.read_bytes(name, start + at, buf)), n)
+                for name, start, n in pieces]
+
+    def held_bytes(self, group: list) -> int:
+        """What producing `group` holds in memory: the chunks it reads whole (a streamed chunk holds only its
+        writer thread's block buffer)."""
+        chunked = [it for it in group if it.type.name != "BYTE_IO"]
+        if not chunked:
+            return 0
+        m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
+        dtype = self.dtype_of(m)
+        return sum(math.prod(it.tensor_data.chunk.sizes) * dtype.itemsize for it in chunked
+                   if self.stream_pieces(m, self.lookup[(it.index.fqn, tuple(it.index.offset))][1], dtype) is None)
 
     def read_plan(self, groups: list[list]) -> list[tuple[Path, int, int]]:
         """The source byte ranges of `groups`, in their order (the writer threads each go through their share

@@ -36,7 +36,8 @@ from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMeta
 from ..errors import ConversionError
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
-from .torch_record import tensor_span
+from .streamed import BLOCK_BYTES, StreamedChunk, save_streamed
+from .torch_record import FileRange, tensor_span
 from .writeback import SequentialWriteback
 from .safe_pickle import (
     METADATA_FILE,
@@ -101,12 +102,15 @@ class ByteBudget:
             self.cond.notify_all()
 
 
-def _write_item(f, name: str, item: WriteItem, data) -> WriteResult:
+def _write_item(f, name: str, item: WriteItem, data, buf: Callable[[], torch.Tensor]) -> WriteResult:
     """Append one item to an open data file, serialised exactly as DCP's own writer does (torch.save of the
-    chunk, raw bytes for objects), and say where it went."""
+    chunk, raw bytes for objects), and say where it went. A `StreamedChunk` goes through `buf()`, the
+    thread's block buffer."""
     offset = f.tell()
     if item.type == WriteItemType.BYTE_IO:
         f.write(data.getbuffer())
+    elif isinstance(data, StreamedChunk):
+        save_streamed(f, data, buf())
     else:
         torch.save(data, f)
     length = f.tell() - offset
@@ -155,13 +159,17 @@ def write_groups(
     threads: int = 1,
     file_tag: str = "",
     budget: ByteBudget | None = None,
+    held: Callable[[list[WriteItem]], int] | None = None,
 ) -> list[WriteResult]:
     """Tensor-major writing: the items of a group (every chunk of one tensor, say) are produced together, from
     one read of their source, and each is appended to the file of its rank. A thread owns its files
     (`__{rank}_{file_tag}{thread}.distcp`), so nothing is shared but the budget, which caps the groups in
-    flight by their bytes. Returns every item's WriteResult (the `.metadata` is written by the caller)."""
+    flight by the bytes they hold in memory: `held(group)`, or all of their bytes when not given (a group
+    produced as `StreamedChunk`s holds only its thread's block buffer). Returns every item's WriteResult (the
+    `.metadata` is written by the caller)."""
     threads = max(1, min(threads, len(groups))) if groups else 1
     sizes = [sum(_item_bytes(it) for it in g) for g in groups]
+    memory = [held(g) for g in groups] if held is not None else sizes
     shares = balance(sizes, threads)
 
     def run(t: int, picked: list[int]) -> list[WriteResult]:
@@ -171,25 +179,32 @@ def write_groups(
     def _run(t: int, picked: list[int]) -> list[WriteResult]:
         files: dict[int, tuple[object, SequentialWriteback]] = {}
         results = []
+        block: list[torch.Tensor] = []
+
+        def buf() -> torch.Tensor:  # allocated on first use, then reused for every streamed chunk
+            if not block:
+                block.append(torch.empty(BLOCK_BYTES, dtype=torch.uint8))
+            return block[0]
+
         try:
             for g in picked:
-                held = budget.acquire(sizes[g]) if budget else 0
+                taken = budget.acquire(memory[g]) if budget else 0
                 try:
                     for item, data in produce(groups[g]):
                         rank = rank_of(item)
                         name = f"__{rank}_{file_tag}{t}.distcp"
                         try:
                             if rank not in files:
-                                f = open(Path(path) / name, "wb")
+                                f = open(Path(path) / name, "w+b")  # read too: a streamed record is checked
                                 files[rank] = (f, SequentialWriteback(Path(path) / name))
                             f, written = files[rank]
-                            results.append(_write_item(f, name, item, data))
+                            results.append(_write_item(f, name, item, data, buf))
                             written.wrote_up_to(f.tell())
                         except (OSError, RuntimeError) as e:  # disk full: torch.save says only "unexpected pos"
                             raise ConversionError(write_failure(Path(path) / name, item.index.fqn, e)) from None
                 finally:
                     if budget:
-                        budget.release(held)
+                        budget.release(taken)
         finally:
             for f, written in files.values():
                 try:
@@ -277,43 +292,6 @@ def _fill(f, views: list, at: int, done: int) -> bool:
         at += len(v)
         done = 0
     return True
-
-
-class _FileRange(io.RawIOBase):
-    """bytes [offset, offset + length) of an unbuffered file, as a seekable stream of its own. It has
-    `readinto`, which torch.load uses to read each record straight into the tensor's storage."""
-
-    def __init__(self, f, offset: int, length: int):
-        super().__init__()
-        self.f, self.start, self.length, self.pos = f, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b) -> int:
-        view = memoryview(b).cast("B")
-        want = min(len(view), self.length - self.pos)
-        if want <= 0:
-            return 0
-        done = 0
-        while done < want:  # fill it all: torch's reader treats a short read as the end of the data
-            got = os.preadv(self.f.fileno(), [view[done:want]], self.start + self.pos + done)
-            if got <= 0:
-                break
-            done += got
-        self.pos += done
-        return done
 
 
 @contextmanager
@@ -455,7 +433,7 @@ class DCPReader:
         info = self.metadata.storage_data[MetadataIndex(key)]
         where = f"{self.path / info.relative_path}: object {quoted(key)}"
         with open(self.path / info.relative_path, "rb", buffering=0) as f:
-            raw = self._untransformed(_FileRange(f, info.offset, info.length), info, where).read()
+            raw = self._untransformed(FileRange(f, info.offset, info.length), info, where).read()
         return load_common(raw, where=where)
 
     def missing_bytes(self) -> dict[str, str]:
@@ -510,7 +488,7 @@ class DCPReader:
             return False
         where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
         with open(self.path / info.relative_path, "rb", buffering=0) as f:
-            span = tensor_span(_FileRange(f, info.offset, info.length), md.properties.dtype, tuple(chunk.sizes))
+            span = tensor_span(FileRange(f, info.offset, info.length), md.properties.dtype, tuple(chunk.sizes))
             if span is None:
                 return False
             memory = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -531,7 +509,7 @@ class DCPReader:
         where = f"{self.path / info.relative_path}: the chunk of {quoted(key)} at {list(chunk.offsets)}"
         try:
             with open(self.path / info.relative_path, "rb", buffering=0) as f:
-                stream = self._untransformed(_FileRange(f, info.offset, info.length), info, where)
+                stream = self._untransformed(FileRange(f, info.offset, info.length), info, where)
                 t = torch.load(stream, map_location="cpu", weights_only=True)
         except CheckpointError:
             raise

@@ -210,6 +210,13 @@ class HFCheckpoint:
         for r in range(out.shape[0]):
             self._pread(info, flat[r * width:(r + 1) * width], first + r * row_bytes)
 
+    def read_bytes(self, name: str, start: int, buf: memoryview) -> None:
+        """Fill `buf` with tensor `name`'s data bytes from `start` on (a block of a chunk being streamed)."""
+        info = self.tensors[name]
+        if start < 0 or start + len(buf) > info.nbytes:
+            raise ValueError(f"read_bytes: {name} has {info.nbytes} bytes, not {start}..{start + len(buf)}")
+        self._pread(info, buf, info.offset + start)
+
     def _pread(self, info: TensorInfo, buf: memoryview, offset: int) -> None:
         fd, done, n = self._fd(info.file), 0, len(buf)
         while done < n:

@@ -1,0 +1,111 @@
+"""A chunk written through a small buffer instead of being held whole.
+
+A DCP data file stores each chunk as one torch.save record. The plain way builds the chunk as a tensor, then
+saves it: at TP=1 a chunk is a whole weight, often 100 MB or more, so every chunk is a fresh allocation
+whose pages are faulted in as the source is read into them, and which has left the CPU caches again by the
+time it is checked and written. On a machine with few cores that kernel work bounds the conversion.
+
+When a chunk's bytes are plain copies of source byte ranges (same dtype, whole rows), it is written instead
+as a record whose data is left as a hole (`torch.serialization.skip_data`, torch 2.5+, on an allocation
+that is never touched), and the hole is then filled a block at a time: read a block of the source into one
+reused buffer, look at it (the NaN/Inf check), write it at its place. The record's bytes are the ones
+torch.save of the whole chunk writes. If torch cannot leave the hole, or the record is not the plain layout
+`torch_record.tensor_span` recognises, the record is cut off again and the chunk written the plain way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .torch_record import FileRange, tensor_span
+
+BLOCK_BYTES = 4 << 20  # per writer thread; a few blocks stay in a core's share of the last-level cache
+
+# read(buf, start): fill the memoryview `buf` with the piece's bytes from `start` on; None: zeros
+Reader = Callable[[memoryview, int], None] | None
+
+
+@dataclass
+class StreamedChunk:
+    """A chunk of `shape` and `dtype` whose bytes are `pieces` in order, each (reader, length).
+
+    `inspect(block)` sees every block (a tensor of `dtype`) before it is written. A reader that fails is
+    reported to `failed(error)`, and the rest of the chunk is written as zeros (the record stays complete;
+    the caller fails the job before anything is published)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: list[tuple[Reader, int]]
+    inspect: Callable[[torch.Tensor], None]
+    failed: Callable[[BaseException], None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.pieces)
+
+    def blocks(self, buf: torch.Tensor):
+        """Each block of the chunk's bytes, in order, read into `buf` (uint8): (byte offset, view of buf)."""
+        raw = memoryview(buf.numpy())
+        at, broken = 0, False
+        for read, length in self.pieces:
+            for start in range(0, length, len(raw)):
+                n = min(len(raw), length - start)
+                if read is None or broken:
+                    buf[:n].zero_()
+                else:
+                    try:
+                        read(raw[:n], start)
+                        self.inspect(buf[:n].view(self.dtype))
+                    except Exception as e:  # noqa: BLE001 - reported through `failed`, the rest zeros
+                        self.failed(e)
+                        broken = True
+                        buf[:n].zero_()
+                yield at, raw[:n]
+                at += n
+
+    def materialize(self) -> torch.Tensor:
+        """The whole chunk as a tensor (the plain way), read through the same blocks."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        flat = out.view(-1).view(torch.uint8)
+        buf = torch.empty(min(BLOCK_BYTES, max(1, self.nbytes)), dtype=torch.uint8)
+        for at, block in self.blocks(buf):
+            flat[at:at + len(block)].copy_(torch.frombuffer(block, dtype=torch.uint8))
+        return out
+
+
+def can_stream() -> bool:
+    """Whether this torch can leave the hole, and can be told not to compute the record's CRC32 (which the
+    writers turn off: a CRC computed over the hole would be the only byte that differs)."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return False
+    return hasattr(torch.serialization, "skip_data") and hasattr(getattr(config, "save", None), "compute_crc32")
+
+
+def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
+    """Append `chunk` to the open file `f` (opened for reading too, "w+b") as torch.save(tensor, f) would, with
+    its CRC32 turned off (the caller's `dcp._without_crc32`)."""
+    start = f.tell()
+    placeholder = torch.empty(chunk.shape, dtype=chunk.dtype)  # never touched: costs address space only
+    with torch.serialization.skip_data():
+        torch.save(placeholder, f)
+    del placeholder
+    f.flush()
+    end = f.tell()
+    span = tensor_span(FileRange(f, start, end - start), chunk.dtype, chunk.shape)
+    if span is None or span.nbytes != chunk.nbytes:
+        f.seek(start)
+        f.truncate()
+        torch.save(chunk.materialize(), f)
+        return
+    fd, base = f.fileno(), start + span.offset
+    for at, block in chunk.blocks(buf):
+        done = 0
+        while done < len(block):
+            done += os.pwrite(fd, block[done:], base + at + done)
+
