@@ -189,6 +189,39 @@ class DiskReads:
                 "write_req_KiB": round((ws1 - ws0) / 2 / max(1, w1 - w0)), "disk_MBps": steps}
 
 
+# Linux reports a child's peak RSS as at least that of the process it was forked from, as it was when the child
+# called exec (the kernel keeps the old memory's high-water mark across exec). This benchmark holds ~1 GB after
+# writing a checkpoint, so every step is started by a small process of its own (a fresh interpreter with nothing
+# imported), and reports the step's own peak.
+_SPAWNER = r"""
+import json, os, subprocess, sys
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["stderr"], "wb") as err:
+        p = subprocess.Popen(job["cmd"], stdout=subprocess.DEVNULL, stderr=err, env=job["env"], cwd=job["cwd"])
+    print(json.dumps({"pid": p.pid}), flush=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    print(json.dumps({"status": status, "maxrss_KiB": usage.ru_maxrss}), flush=True)
+"""
+_spawner: subprocess.Popen | None = None
+
+
+def _spawn(cmd: list[str], env: dict | None, cwd: str | None, stderr: str) -> tuple[int, callable]:
+    """Start `cmd` from the spawner: its pid, and a function that waits for it and returns (status, peak RSS KiB)."""
+    global _spawner
+    if _spawner is None:
+        _spawner = subprocess.Popen([sys.executable, "-S", "-c", _SPAWNER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, bufsize=1)
+    _spawner.stdin.write(json.dumps({"cmd": cmd, "env": dict(env if env is not None else os.environ),
+                                     "cwd": cwd, "stderr": stderr}) + "\n")
+    pid = json.loads(_spawner.stdout.readline())["pid"]
+
+    def wait() -> tuple[int, int]:
+        done = json.loads(_spawner.stdout.readline())
+        return done["status"], done["maxrss_KiB"]
+    return pid, wait
+
+
 def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None,
                 source_bytes: int = 0, disk: list[Path] | None = None) -> tuple[float, int, dict]:
     """Wall seconds (until the output is on disk: the sync is part of the step), the largest peak RSS (bytes) of
@@ -196,23 +229,25 @@ def timed_child(cmd: list[str], env: dict | None = None, cwd: str | None = None,
     sync of what it left in the page cache, and with `source_bytes`, `first_disk_read` (process start to the first
     byte read from the disk) and `source_read` (to 99% of the source's bytes read from the disk); with `disk`,
     what the disk did until the sync ended (DiskReads)."""
+    stderr = f"/tmp/hc_bench_stderr_{os.getpid()}"
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
-    reads = DiskReads(proc.pid, t, source_bytes, disk) if source_bytes else None
-    _, status, usage = os.wait4(proc.pid, 0)
+    pid, wait = _spawn(cmd, env, cwd, stderr)
+    reads = DiskReads(pid, t, source_bytes, disk) if source_bytes else None
+    status, maxrss_kib = wait()
     ended = time.perf_counter() - t
     os.sync()
     elapsed = time.perf_counter() - t
     if reads:
         reads.stop()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed: {Path(stderr).read_bytes().decode(errors='replace')[-3000:]}")
     timeline = {"exit": round(ended, 2)}
     if reads:
         timeline.update(first_disk_read=reads.first and round(reads.first, 2),
                         source_read=reads.most and round(reads.most, 2), **reads.disk_summary())
-    # Linux reports the largest of the child and of the descendants it reaped (a torchrun job's workers).
-    return elapsed, usage.ru_maxrss * 1024, timeline
+    # Linux reports the largest of the child and of the descendants it reaped (a torchrun job's workers, whose
+    # own peak starts at the launcher's, as theirs is exec'd from it).
+    return elapsed, maxrss_kib * 1024, timeline
 
 
 def parallel_copy(src: Path, dst: Path, procs: int, disk: list[Path] | None = None) -> tuple[float, dict]:
