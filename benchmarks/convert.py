@@ -415,11 +415,12 @@ def main() -> None:
                          "hf-to-megatron", str(src), str(out), "--tp", str(tp), "--workers", str(wmax), "--json",
                          *nohash], src, out, other=other)
             for n in ints(args.torchrun):
-                step(f"hf-to-megatron TP={tp} torchrun x{n} (workers={per_process(n)}){tag}",
-                     torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron", str(src),
-                                 str(root / "out"), "--tp", str(tp), "--workers", str(per_process(n)),
-                                 *nohash],
-                     src, root / "out")
+                for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
+                    step(f"{label}hf-to-megatron TP={tp} torchrun x{n} (workers={per_process(n)}){tag}",
+                         torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron",
+                                     str(src), str(root / "out"), "--tp", str(tp), "--workers",
+                                     str(per_process(n)), *nohash],
+                         src, root / "out", other=version)
         for tp in ints(args.tp):
             if "megatron-to-hf" not in directions:
                 continue
@@ -434,9 +435,11 @@ def main() -> None:
                          "megatron-to-hf", str(megs[tp]), str(root / "out"), "--workers", str(wmax), "--json"],
                          megs[tp], root / "out", other=other)
             for n in ints(args.torchrun):
-                step(f"megatron-to-hf from TP={tp} torchrun x{n} (workers={per_process(n)})",
-                     torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf", str(megs[tp]),
-                                 str(root / "out"), "--workers", str(per_process(n))], megs[tp], root / "out")
+                for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
+                    step(f"{label}megatron-to-hf from TP={tp} torchrun x{n} (workers={per_process(n)})",
+                         torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf",
+                                     str(megs[tp]), str(root / "out"), "--workers", str(per_process(n))],
+                         megs[tp], root / "out", other=version)
             if not (args.reshard and tp == 1):  # a small disk holds one TP's checkpoint at a time
                 shutil.rmtree(megs[tp], ignore_errors=True)
         if args.reshard and 1 in megs:

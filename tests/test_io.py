@@ -531,3 +531,18 @@ def test_a_failing_read_plan_callback_does_not_fail_the_conversion(tmp_path, tin
     a = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cores,workers,local,threads", [(16, 8, None, 1), (16, 1, "8", 1), (16, 2, None, 4),
+                                                        (32, 1, "2", 8), (2, 2, None, 1), (64, 2, "8", 2)])
+def test_intra_op_threads_share_the_node_among_its_processes(monkeypatch, cores, workers, local, threads):
+    """Every writer thread of every process on the node counts: 8 torchrun processes on 16 cores each keep one
+    intra-op thread (with 8 each, their OpenMP teams spun 9x the CPU of one process doing the same work)."""
+    from hetero_convert.cli import process
+
+    monkeypatch.setattr(process.os, "cpu_count", lambda: cores)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert process.intra_op_threads(workers) == threads

@@ -31,15 +31,31 @@ def settle_process_for_streaming(workers: int = 1) -> None:
     - `gc.freeze()`: the ~10^6 objects that importing torch and DCP creates never become garbage, yet every
       full collection during the run, and the interpreter's teardown, walked them (6-9% of a 1 GB run's CPU
       samples were in the collector, and exit took 0.6 s instead of 0.2 s).
-    - intra-op threads: half the cores per writer thread (the other half reads, writes and hashes), so one on
-      2 cores. Conversion moves bytes; beyond dtype casts it does no arithmetic worth splitting, and an
-      OpenMP team per small copy or min/max spun ~9% of the CPU samples on 2 cores.
+    - intra-op threads: half the node's cores per writer thread of all its processes (the other half reads,
+      writes and hashes), so one on 2 cores, and one for each of torchrun's 8 processes on 16 cores. Conversion
+      moves bytes; beyond dtype casts it does no arithmetic worth splitting, and an OpenMP team per small copy
+      or min/max spun ~9% of the CPU samples on 2 cores. Counting each process as if it had the node to itself
+      gave 8 processes on 16 cores 8 threads each: 64 spinning teams, which took 145 s of CPU (against 16 s for
+      one process doing the same work) and, with a min/max per 4 MiB block, slowed the conversion by a third.
     """
     import torch
 
     release_freed_memory()
     gc.freeze()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * max(1, workers))))
+    torch.set_num_threads(intra_op_threads(workers))
+
+
+def intra_op_threads(workers: int) -> int:
+    """torch's intra-op threads for a process with `workers` writer threads: see above."""
+    return max(1, (os.cpu_count() or 1) // (2 * max(1, workers) * local_processes()))
+
+
+def local_processes() -> int:
+    """The processes of this job on this node (torchrun's LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
 
 
 # Reading ahead for the whole conversion pays where cores are plentiful and the disk sets the pace (32 cores:
@@ -66,9 +82,8 @@ class ReadAheadShare:
         self.through = (os.cpu_count() or 1) >= READ_AHEAD_THROUGH_CORES
         # The read-ahead's allowance (a quarter of the available memory) is the node's: under torchrun each of
         # the node's processes gets its part of it.
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
         self.reader = ReadAhead(share_of_files(files, rank, size) if self.through or not hashed else [],
-                                limit=available_memory() // 4 // local, interleaved=interleaved)
+                                limit=available_memory() // 4 // local_processes(), interleaved=interleaved)
 
     def imported(self) -> None:
         if not self.through:
