@@ -197,8 +197,13 @@ _SPAWNER = r"""
 import json, os, subprocess, sys
 for line in sys.stdin:
     job = json.loads(line)
-    with open(job["stderr"], "wb") as err:
-        p = subprocess.Popen(job["cmd"], stdout=subprocess.DEVNULL, stderr=err, env=job["env"], cwd=job["cwd"])
+    try:
+        with open(job["stderr"], "wb") as err:
+            p = subprocess.Popen(job["cmd"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 env=job["env"], cwd=job["cwd"])
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        continue
     print(json.dumps({"pid": p.pid}), flush=True)
     _, status, usage = os.wait4(p.pid, 0)
     print(json.dumps({"status": status, "maxrss_KiB": usage.ru_maxrss}), flush=True)
@@ -214,7 +219,10 @@ def _spawn(cmd: list[str], env: dict | None, cwd: str | None, stderr: str) -> tu
                                     stdout=subprocess.PIPE, text=True, bufsize=1)
     _spawner.stdin.write(json.dumps({"cmd": cmd, "env": dict(env if env is not None else os.environ),
                                      "cwd": cwd, "stderr": stderr}) + "\n")
-    pid = json.loads(_spawner.stdout.readline())["pid"]
+    started = json.loads(_spawner.stdout.readline())
+    if "error" in started:
+        raise RuntimeError(f"{' '.join(cmd)} could not start: {started['error']}")
+    pid = started["pid"]
 
     def wait() -> tuple[int, int]:
         done = json.loads(_spawner.stdout.readline())

@@ -220,3 +220,12 @@ def test_a_source_cut_short_while_streaming_fails_naming_the_tensor(sources, tmp
     assert lines == [f"layer 3: decoder.layers.3.mlp.linear_fc2.weight: CheckpointError: {info.file}: unexpected "
                      f"end of file reading tensor '{key}'"], str(e.value)
     assert not (tmp_path / "meg").exists() and not list(tmp_path.glob(".meg.partial-*"))
+
+
+def test_pieces_that_are_not_the_chunks_bytes_are_refused_before_anything_is_written(tmp_path):
+    t = torch.zeros(4, 4, dtype=torch.bfloat16)
+    chunk = StreamedChunk(t.dtype, (4, 4), [(None, 30)], inspect=lambda b: None, failed=pytest.fail)
+    with open(tmp_path / "f", "w+b") as f:
+        with pytest.raises(ValueError, match="its pieces hold 30 bytes"):
+            save_streamed(f, chunk, torch.empty(16, dtype=torch.uint8))
+        assert f.tell() == 0

@@ -158,8 +158,9 @@ class ToMegatronJob:
     def produce(self, group: list):
         """(item, data) for every item of one tensor's group. A chunk that is a plain copy of source bytes is
         a `StreamedChunk`, written a block at a time; the others are read together into tensors. A source that
-        cannot be read, or NaN/Inf under `strict`, is recorded and zeros are written, so the rank's files
-        complete and the job then fails naming every problem (they are checked before the commit)."""
+        cannot be read, or NaN/Inf under `strict`, is recorded and the chunk still written (zeros in place of
+        what could not be read), so the rank's files complete and the job then fails naming every problem
+        (they are checked before the commit)."""
         alone = common_state_group(group)
         if alone is not None:
             yield alone

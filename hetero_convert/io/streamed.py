@@ -15,6 +15,8 @@ torch.save of the whole chunk writes. If torch cannot leave the hole, or the rec
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,19 +79,33 @@ class StreamedChunk:
         return out
 
 
+@functools.cache
 def can_stream() -> bool:
-    """Whether this torch can leave the hole, and can be told not to compute the record's CRC32 (which the
-    writers turn off: a CRC computed over the hole would be the only byte that differs)."""
+    """Whether this torch can leave the hole, can be told not to compute the record's CRC32 (which the writers
+    turn off: a CRC computed over the hole would be the only byte that differs), and writes a record whose
+    hole `tensor_span` finds. Decided once, up front: a streamed chunk is not counted in the writers' memory
+    budget, so falling back to the whole chunk for every record would lift that cap unnoticed."""
     try:
         from torch.utils.serialization import config
     except ImportError:
         return False
-    return hasattr(torch.serialization, "skip_data") and hasattr(getattr(config, "save", None), "compute_crc32")
+    if not (hasattr(torch.serialization, "skip_data") and hasattr(getattr(config, "save", None), "compute_crc32")):
+        return False
+    record = io.BytesIO()
+    with torch.serialization.skip_data():
+        torch.save(torch.empty((3, 5), dtype=torch.bfloat16), record)
+    span = tensor_span(record, torch.bfloat16, (3, 5))
+    return span is not None and span.nbytes == 30
 
 
 def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
     """Append `chunk` to the open file `f` (opened for reading too, "w+b") as torch.save(tensor, f) would, with
     its CRC32 turned off (the caller's `dcp._without_crc32`)."""
+    numel = 1
+    for n in chunk.shape:
+        numel *= n
+    if chunk.nbytes != numel * chunk.dtype.itemsize:  # the pieces are the chunk's bytes, exactly
+        raise ValueError(f"streamed chunk {list(chunk.shape)} {chunk.dtype}: its pieces hold {chunk.nbytes} bytes")
     start = f.tell()
     placeholder = torch.empty(chunk.shape, dtype=chunk.dtype)  # never touched: costs address space only
     with torch.serialization.skip_data():
