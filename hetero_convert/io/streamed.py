@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +102,7 @@ def can_stream() -> bool:
 def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
     """Append `chunk` to the open file `f` (opened for reading too, "w+b") as torch.save(tensor, f) would, with
     its CRC32 turned off (the caller's `dcp._without_crc32`)."""
-    numel = 1
-    for n in chunk.shape:
-        numel *= n
-    if chunk.nbytes != numel * chunk.dtype.itemsize:  # the pieces are the chunk's bytes, exactly
+    if chunk.nbytes != math.prod(chunk.shape) * chunk.dtype.itemsize:  # the pieces are the chunk's bytes, exactly
         raise ValueError(f"streamed chunk {list(chunk.shape)} {chunk.dtype}: its pieces hold {chunk.nbytes} bytes")
     start = f.tell()
     placeholder = torch.empty(chunk.shape, dtype=chunk.dtype)  # never touched: costs address space only
@@ -114,7 +112,7 @@ def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
     f.flush()
     end = f.tell()
     span = tensor_span(FileRange(f, start, end - start), chunk.dtype, chunk.shape)
-    if span is None or span.nbytes != chunk.nbytes:
+    if span is None:  # (a span found is the chunk's size: tensor_span checks it against dtype and shape)
         f.seek(start)
         f.truncate()
         torch.save(chunk.materialize(), f)
