@@ -277,18 +277,23 @@ class TensorMapping:
                    if seg.source is not None)
 
     # ---- Megatron -> HF -----------------------------------------------------------------------------------
-    def to_hf(self, full: torch.Tensor) -> list[torch.Tensor]:
-        """The HF tensors of the global Megatron tensor: each is its segments in source order; padding dropped."""
-        pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.hf]
+    def hf_rows(self) -> list[list[tuple[int, int]]]:
+        """For each HF tensor, the rows of the global Megatron tensor it is made of, as (first row, count) in
+        the HF tensor's own order; padding belongs to none."""
+        ranges: list[list[tuple[int, int, int]]] = [[] for _ in self.hf]
         pos = 0
         for seg in self.segments:
             if seg.source is not None:
-                pieces[seg.source].append((seg.start, full[pos:pos + seg.rows]))
+                ranges[seg.source].append((seg.start, pos, seg.rows))
             pos += seg.rows
+        return [[(at, n) for _, at, n in sorted(r)] for r in ranges]
+
+    def to_hf(self, full: torch.Tensor) -> list[torch.Tensor]:
+        """The HF tensors of the global Megatron tensor: each is its segments in source order; padding dropped."""
         out = []
-        for k, parts in enumerate(pieces):
-            parts.sort(key=lambda p: p[0])
-            t = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts], 0)
+        for k, rows in enumerate(self.hf_rows()):
+            parts = [full[a:a + n] for a, n in rows]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
             assert tuple(t.shape) == self.hf_shapes[k], (self.hf[k], t.shape, self.hf_shapes[k])
             out.append(t)
         return out

@@ -171,6 +171,20 @@ def write_dcp(path, tensors: dict, chunking: dict):
     finish_metadata(path, [items], results)
 
 
+def read_rows(rows, a: int, b: int) -> bytes:
+    """Rows [a, b) of a `StoredRows`, read through its pieces."""
+    out = bytearray()
+    for read, n in rows.pieces(a, b):
+        buf = bytearray(n)
+        read(memoryview(buf), 0)
+        out += buf
+    return bytes(out)
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
     """A homogeneous model's `decoder.layers.X` [L, ...] is seen as `decoder.layers.{i}.X`: equal to DCP's own
     load sliced, each layer read from its own chunks (a bad chunk of layer 1 leaves layer 0 readable)."""
@@ -204,6 +218,11 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
             assert torch.equal(reader.load(view), theirs[key][i]) and torch.equal(reader.load(view), tensors[key][i])
             assert torch.equal(reader.load(view, torch.float64), tensors[key][i].double())
             assert reader.tensor_bytes(view) == tensors[key][i].numel() * tensors[key].element_size()
+            # As byte ranges of rows (megatron-to-hf's streaming): layer i's rows, at its place in the chunk.
+            with reader.stored_rows(view) as rows:
+                n = tensors[key].shape[1]
+                for a, b in ((0, n), (1, n - 1), (n - 1, n)):
+                    assert read_rows(rows, a, b) == raw_bytes(tensors[key][i][a:b]), (view, a, b)
     # Garble layer 1's first chunk of the QKV: layer 1 is refused, naming the stacked entry and the chunk.
     index = next(k for k in reader.metadata.storage_data if k.fqn == qkv and tuple(k.offset) == (1, 0, 0))
     info = reader.metadata.storage_data[index]

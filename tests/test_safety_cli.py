@@ -311,3 +311,13 @@ def test_a_failed_megatron_worker_is_named_by_its_exception_line(tmp_path):
                                 "decoder.layers.0.self_attention.linear_proj._extra_state/shard_0_1.")
     log.write_text("no traceback at all\n")
     assert first_error(log) is None and first_error(tmp_path / "absent.log") is None
+
+
+@pytest.mark.parametrize("case", ["forged description, vocab cut within the padding", "garbled chunk at TP 2",
+                                  "missing data file"])
+def test_the_same_lines_when_tensors_stream(good, tmp_path, monkeypatch, case):
+    """The cases found while reading tensors, with every tensor that can stream streamed (megatron-to-hf)."""
+    from hetero_convert.convert import to_hf
+
+    monkeypatch.setattr(to_hf, "STREAM_MIN_BYTES", 0)
+    test_bad_megatron_input_is_one_line(good, tmp_path, case)

@@ -79,8 +79,9 @@ class ReshardJob:
         name = next(it.index.fqn for it in group if it.type.name != "BYTE_IO")
         m = self.by_name[name]
         full = self.reader.load(m.megatron)
-        if m.vocab_padded and self.source_description and padding_problem(m, full):
-            raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {padding_problem(m, full)}")
+        problem = padding_problem(m, full[m.vocab_rows:]) if m.vocab_padded and self.source_description else None
+        if problem:
+            raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {problem}")
         # Back to the HF tensors (global shapes do not depend on TP, except the vocabulary padding, which is
         # dropped here and redone for the target), then chunked for the target layout.
         hf = [full[: m.vocab_rows]] if m.vocab_padded else m.to_hf(full)

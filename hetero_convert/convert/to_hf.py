@@ -20,15 +20,17 @@ import torch
 
 from .. import dtypes
 from ..errors import ConversionError
-from ..io.dcp import ByteBudget, DCPReader
+from ..io.dcp import ByteBudget, DCPReader, StoredRows
 from ..io.description import padding_problem, tensor_problems
+from ..io.hf_index import CheckpointError
 from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, export_schema, has_tokenizer, \
     plan_shards, write_config, write_generation_config
 from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
     read_description, read_plan
+from ..io.streamed import BLOCK_BYTES, STREAM_MIN_BYTES, StreamedChunk
 from ..mappings import TensorMapping, bind
 from ..megatron.compat import INTEGRITY_FILE, read_integrity_manifest
-from .common import ErrorSink, Summary, check_finite, parse_size
+from .common import ErrorSink, FiniteCount, Summary, check_finite, parse_size
 
 
 def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], description: dict | None = None,
@@ -138,14 +140,71 @@ class ToHFJob:
     def stored_bytes(self, m: TensorMapping) -> int:
         return self.reader.tensor_bytes(m.megatron)
 
-    def write_tensor(self, m: TensorMapping, w: ShardedWriter, budget: ByteBudget | None) -> None:
-        """One Megatron tensor, loaded whole (any TP it was saved at), written as its HF tensors."""
+    def write_tensor(self, m: TensorMapping, w: ShardedWriter, budget: ByteBudget | None,
+                     buf: Callable[[], torch.Tensor]) -> None:
+        """One Megatron tensor written as its HF tensors: streamed through the thread's block buffer `buf()`
+        when its chunks hold whole rows in the output dtype, else loaded whole (any TP it was saved at)."""
+        rows = self.stored_rows(m)
+        if rows is not None:
+            with rows:
+                self._stream_tensor(m, w, rows, buf())
+            return
         held = budget.acquire(self.stored_bytes(m)) if budget else 0
         try:
             self._write_tensor(m, w)
         finally:
             if budget:
                 budget.release(held)
+
+    def stored_rows(self, m: TensorMapping) -> StoredRows | None:
+        """`m`'s stored chunks as byte ranges of rows (`DCPReader.stored_rows`), or None when it is loaded
+        whole: a dtype conversion, a row-parallel weight saved at TP > 1, a record that is not plain, or a
+        tensor too small to gain."""
+        if self.dtype_of(m) != self.stored[m.megatron].properties.dtype or self.stored_bytes(m) < STREAM_MIN_BYTES:
+            return None
+        try:
+            return self.reader.stored_rows(m.megatron)
+        except CheckpointError as e:
+            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {e}") from e
+
+    def _stream_tensor(self, m: TensorMapping, w: ShardedWriter, rows: StoredRows, buf: torch.Tensor) -> None:
+        dtype = self.dtype_of(m)
+        failed: list[BaseException] = []
+        rest = tuple(m.shape[1:])
+        if m.vocab_padded and self.description and m.shape[0] > m.vocab_rows:  # the padding rows, read on their own
+            pad = StreamedChunk(dtype, (m.shape[0] - m.vocab_rows,) + rest, rows.pieces(m.vocab_rows, m.shape[0]),
+                                lambda block: None, failed.append).materialize()
+            self._raise_unreadable(m, failed)
+            problem = padding_problem(m, pad)
+            if problem:
+                raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {problem}")
+        for key, ranges, shape in zip(m.hf, m.hf_rows(), m.hf_shapes):
+            finite = FiniteCount(f"{m.where}: {key}", self.sink, self.strict)
+            chunk = StreamedChunk(dtype, shape, [p for a, n in ranges for p in rows.pieces(a, a + n)], finite,
+                                  failed.append)
+            try:
+                w.write_streamed(key, chunk, buf)
+            except OSError as e:  # disk full, I/O error: say which tensor and shard
+                raise ConversionError(f"{m.where}: writing '{key}' to {w.writer_of(key).path}: {e}") from e
+            self._raise_unreadable(m, failed)
+            finite.report()
+            self._count(chunk.nbytes)
+        with self.lock:
+            self.summary.bytes_read += self.stored_bytes(m)
+
+    @staticmethod
+    def _raise_unreadable(m: TensorMapping, failed: list[BaseException]) -> None:
+        if failed:
+            e = failed[0]
+            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+    def _count(self, nbytes: int) -> None:
+        with self.lock:
+            self.summary.chunks += 1
+            self.summary.bytes_written += nbytes
+        if self.progress is not None:
+            self.progress(nbytes)
 
     def _write_tensor(self, m: TensorMapping, w: ShardedWriter) -> None:
         try:
@@ -154,7 +213,7 @@ class ToHFJob:
             raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
         if m.vocab_padded and self.description:
-            problem = padding_problem(m, full)
+            problem = padding_problem(m, full[m.vocab_rows:])
             if problem:
                 raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {problem}")
         for key, t in zip(m.hf, m.to_hf(full)):
@@ -164,11 +223,7 @@ class ToHFJob:
                 w.write(key, t)
             except OSError as e:  # disk full, I/O error: say which tensor and shard
                 raise ConversionError(f"{m.where}: writing '{key}' to {w.writer_of(key).path}: {e}") from e
-            with self.lock:
-                self.summary.chunks += 1
-                self.summary.bytes_written += t.numel() * t.element_size()
-            if self.progress is not None:
-                self.progress(t.numel() * t.element_size())
+            self._count(t.numel() * t.element_size())
         with self.lock:
             self.summary.bytes_read += full.numel() * full.element_size()
 
@@ -195,9 +250,16 @@ class ToHFJob:
         budget = ByteBudget(max(self.stored_bytes(m) for m in self.maps)) if workers > 1 else None
         writer = ShardedWriter(tmp, self.shard_layout, tensors={k for i in picked for k in self.maps[i].hf},
                                create=False)
+        local = threading.local()
+
+        def buf() -> torch.Tensor:  # each writer thread's block buffer, made on first use
+            if not hasattr(local, "block"):
+                local.block = torch.empty(BLOCK_BYTES, dtype=torch.uint8)
+            return local.block
+
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
-            futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget) for i in picked]
+            futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget, buf) for i in picked]
             # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:

@@ -19,7 +19,7 @@ import torch
 from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import bytes_item, extra_state_payload, tensor_item
-from ..io.streamed import StreamedChunk, can_stream
+from ..io.streamed import STREAM_MIN_BYTES, StreamedChunk, can_stream
 from ..io.hf_reader import HFCheckpoint
 from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
@@ -30,11 +30,6 @@ from ..mappings import TensorMapping, bind, ignored_hf_key
 from ..megatron.compat import COMMON_STATE, COMMON_STATE_KEY, common_forms, common_state_payload
 from ..plan import load_config, load_plan
 from .common import ErrorSink, FiniteCount, Summary, check_finite
-
-
-# Smaller chunks are read whole: their allocations come from the heap, already mapped, and streaming them would
-# add a pass over the record's header for nothing.
-STREAM_MIN_BYTES = 1 << 20
 
 
 def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
 import threading
@@ -310,6 +311,43 @@ def dcp_failures_named(what: str):
         raise CheckpointError(f"{what}: DCP could not load it ({type(first).__name__}: {text[:200]})") from None
 
 
+class StoredRows:
+    """A stored tensor whose every chunk holds whole rows (a TP=1 tensor, a row-split TP chunk), seen as the
+    byte range of each chunk's data in its record: any run of the tensor's rows is then a few plain reads, into
+    whatever buffer the caller reuses, with no tensor built. Made by `DCPReader.stored_rows`, which has checked
+    each record as `_read_in_place` does; holds the data files open until `close()`."""
+
+    def __init__(self, key: str, row_bytes: int, sources: list[tuple[int, int, object, int, str]]):
+        self.key, self.row_bytes = key, row_bytes
+        self.sources = sorted(sources, key=lambda s: s[0])  # (first row, rows, open file, data offset, where)
+
+    def pieces(self, start: int, stop: int) -> list[tuple[Callable[[memoryview, int], None], int]]:
+        """Rows [start, stop) as `StreamedChunk` pieces: (read(buf, at), length) per chunk they span."""
+        out = []
+        for first, rows, f, offset, where in self.sources:
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo < hi:
+                base = offset + (lo - first) * self.row_bytes
+                out.append((lambda buf, at, f=f, base=base, where=where: _read_exactly(f, buf, base + at, where),
+                            (hi - lo) * self.row_bytes))
+        return out
+
+    def close(self) -> None:
+        for f in {id(s[2]): s[2] for s in self.sources}.values():
+            f.close()
+
+    def __enter__(self) -> StoredRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_exactly(f, buf: memoryview, at: int, where: str) -> None:
+    if not _fill(f, [buf], at, 0):  # a regular file reads short only at its end: it shrank since it was checked
+        raise CheckpointError(f"{where}: the file ends inside the chunk's data")
+
+
 class DCPReader:
     """Keys, shapes and one-key-at-a-time loads of a DCP directory.
 
@@ -405,6 +443,48 @@ class DCPReader:
                 part[i - chunk.offsets[0]])
             del part
         return out
+
+    def stored_rows(self, key: str) -> StoredRows | None:
+        """`key`'s chunks as `StoredRows`, or None when it must be loaded instead: a chunk narrower than the
+        tensor (a row-parallel weight at TP > 1), a compressed record, or one that is not the plain tensor
+        torch writes (`tensor_span`). A stacked layer's chunk holds that layer's rows at a fixed offset."""
+        if key in self._views:
+            stored, layer, vmd = self._views[key]
+            md = self.metadata.state_dict_metadata[stored]
+            chunks = [c for c in md.chunks if c.offsets[0] <= layer < c.offsets[0] + c.sizes[0]]
+            size, lead = tuple(vmd.size), 1
+        else:
+            stored, layer, md = key, 0, self.metadata.state_dict_metadata.get(key)
+            if not isinstance(md, TensorStorageMetadata):
+                raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
+            chunks, size, lead = md.chunks, tuple(md.size), 0
+        if not size or any(tuple(c.sizes[lead + 1:]) != size[1:] for c in chunks):
+            return None
+        self._check_bytes_present(stored, md, chunks)
+        dtype = md.properties.dtype
+        row_bytes = math.prod(size[1:]) * dtype.itemsize
+        sources: list = []
+        files: dict[str, object] = {}
+        try:
+            for c in chunks:
+                info = self.metadata.storage_data[MetadataIndex(stored, c.offsets)]
+                if getattr(info, "transform_descriptors", None):
+                    return None
+                name = info.relative_path
+                if name not in files:
+                    files[name] = open(self.path / name, "rb", buffering=0)
+                span = tensor_span(FileRange(files[name], info.offset, info.length), dtype, tuple(c.sizes))
+                if span is None:
+                    return None
+                # a stacked chunk holds its layers one after another: skip the ones before `layer`
+                skip = (layer - c.offsets[0]) * math.prod(c.sizes[1:]) * dtype.itemsize if lead else 0
+                where = f"{self.path / name}: the chunk of {quoted(stored)} at {list(c.offsets)}"
+                sources.append((c.offsets[lead], c.sizes[lead], files[name], info.offset + span.offset + skip, where))
+            return StoredRows(key, row_bytes, sources)
+        finally:
+            if len(sources) < len(chunks):  # given up on (or failed): StoredRows did not take the files
+                for f in files.values():
+                    f.close()
 
     def read_ranges(self, key: str) -> list[tuple[Path, int, int]]:
         """(file, offset, length) of every record `load(key)` reads, in the order it reads them."""

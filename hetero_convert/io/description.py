@@ -207,15 +207,14 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
     return problems
 
 
-def padding_problem(m, full) -> str | None:
-    """The rows of the embedding beyond the vocabulary are cut off on the way out. Our writers fill them with
-    zeros (Megatron's padding), and training keeps them so (no token id reaches them), so in a checkpoint that
-    carries our description a non-zero row there is a real row that a smaller vocab_size would cut: the one
-    thing about the vocabulary that the shapes cannot tell when both sizes pad to the same rows. (The output
-    layer's padding rows do get gradients; they are not checked.)"""
+def padding_problem(m, pad) -> str | None:
+    """The rows of the embedding beyond the vocabulary (`pad`: rows vocab_rows.. of the stored tensor) are cut
+    off on the way out. Our writers fill them with zeros (Megatron's padding), and training keeps them so (no
+    token id reaches them), so in a checkpoint that carries our description a non-zero row there is a real row
+    that a smaller vocab_size would cut: the one thing about the vocabulary that the shapes cannot tell when
+    both sizes pad to the same rows. (The output layer's padding rows do get gradients; they are not checked.)"""
     if not m.megatron.startswith("embedding."):
         return None
-    pad = full[m.vocab_rows:]
     if pad.numel() == 0 or not bool(pad.any()):
         return None
     first = m.vocab_rows + int(pad.reshape(pad.shape[0], -1).any(dim=1).nonzero()[0, 0])

@@ -93,6 +93,10 @@ class ShardedWriter:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         self.writer_of(key).write(key, tensor)
 
+    def write_streamed(self, key: str, chunk, buf: torch.Tensor) -> None:
+        """`key` from a `StreamedChunk`, through the block buffer `buf`."""
+        self.writer_of(key).write_streamed(key, chunk, buf)
+
     def close(self) -> None:
         errors = []
         for k in sorted(self.writers):

@@ -10,6 +10,7 @@ first and the tensors streamed after it. Files are read back with safetensors' o
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
+from .streamed import StreamedChunk
 from .writeback import WRITEBACK
 
 
@@ -76,18 +78,7 @@ class StreamingSafetensorsWriter:
         self.lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.layout:
-            raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
-        if self.expect is not None and name not in self.expect:
-            raise ValueError(f"{self.path.name}: tensor '{name}' is another process's to write")
-        dtype, shape, offset = self.layout[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path.name}: tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, "
-                             f"planned {dtype} {shape}")
-        with self.lock:
-            if name in self.claimed:
-                raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
-            self.claimed.add(name)
+        offset = self._claim(name, tensor.dtype, tuple(tensor.shape))
         data = tensor.detach().contiguous().cpu()
         if data.numel():
             # A byte view of the tensor's memory: no copy for bf16 (numpy has no bf16, so view as uint8).
@@ -95,6 +86,35 @@ class StreamingSafetensorsWriter:
             WRITEBACK.submit(self.path, self.data_start + offset, data.numel() * data.element_size())
         with self.lock:  # only now complete: a write that raised above leaves the tensor pending
             self.pending.discard(name)
+
+    def write_streamed(self, name: str, chunk: StreamedChunk, buf: torch.Tensor) -> None:
+        """Write the tensor `chunk` describes a block at a time through `buf` (uint8), never whole in memory."""
+        nbytes = math.prod(chunk.shape) * chunk.dtype.itemsize
+        if chunk.nbytes != nbytes:
+            raise ValueError(f"{self.path.name}: tensor '{name}': its pieces hold {chunk.nbytes} bytes, not {nbytes}")
+        offset = self._claim(name, chunk.dtype, chunk.shape)
+        base = self.data_start + offset
+        for at, block in chunk.blocks(buf):
+            self._pwrite(block, base + at)
+        WRITEBACK.submit(self.path, base, nbytes)
+        with self.lock:
+            self.pending.discard(name)
+
+    def _claim(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        """Check that `name` is this writer's to write, as planned, and not yet claimed; its data offset."""
+        if name not in self.layout:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
+        if self.expect is not None and name not in self.expect:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is another process's to write")
+        planned_dtype, planned_shape, offset = self.layout[name]
+        if dtype != planned_dtype or tuple(shape) != planned_shape:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is {dtype} {tuple(shape)}, "
+                             f"planned {planned_dtype} {planned_shape}")
+        with self.lock:
+            if name in self.claimed:
+                raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
+            self.claimed.add(name)
+        return offset
 
     def _pwrite(self, buf, at: int) -> None:
         view, done = memoryview(buf).cast("B"), 0

@@ -11,6 +11,10 @@ that is never touched), and the hole is then filled a block at a time: read a bl
 reused buffer, look at it (the NaN/Inf check), write it at its place. The record's bytes are the ones
 torch.save of the whole chunk writes. If torch cannot leave the hole, or the record is not the plain layout
 `torch_record.tensor_span` recognises, the record is cut off again and the chunk written the plain way.
+
+The other direction has the same cost and takes the same cure: a HF tensor whose bytes are row ranges of DCP
+records (`dcp.StoredRows`) is a `StreamedChunk` too, written block by block into its place in a safetensors
+file (`StreamingSafetensorsWriter.write_streamed`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import torch
 from .torch_record import FileRange, tensor_span
 
 BLOCK_BYTES = 4 << 20  # per writer thread; a few blocks stay in a core's share of the last-level cache
+# Smaller tensors are read whole: their allocations come from the heap, already mapped, and streaming them would
+# add a pass over a record's header for nothing.
+STREAM_MIN_BYTES = 1 << 20
 
 # read(buf, start): fill the memoryview `buf` with the piece's bytes from `start` on; None: zeros
 Reader = Callable[[memoryview, int], None] | None
