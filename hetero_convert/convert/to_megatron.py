@@ -184,18 +184,19 @@ class ToMegatronJob:
                 self.sink.error(failed[0])
 
         for item, c, p in zip(chunked, chunks, pieces):
+            if p is None:
+                yield item, read.pop(0)
+            else:
+                finite = FiniteCount(what, self.sink, self.strict)
+                yield item, StreamedChunk(dtype, tuple(c.sizes), p, finite, fail)
+                finite.report()
+            # counted once written: the consumer asks for the next item only after writing this one
             nbytes = math.prod(c.sizes) * dtype.itemsize
             with self.counter:
                 self.summary.bytes_written += nbytes
                 self.summary.chunks += 1
             if self.progress is not None:
                 self.progress(nbytes)
-            if p is None:
-                yield item, read.pop(0)
-                continue
-            finite = FiniteCount(what, self.sink, self.strict)
-            yield item, StreamedChunk(dtype, tuple(c.sizes), p, finite, fail)
-            finite.report()
         for item in group:
             if item.type.name == "BYTE_IO":
                 yield item, extra_state_payload()
