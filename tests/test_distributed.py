@@ -92,18 +92,24 @@ def assert_no_output(out: Path):
 # ---- real torchrun jobs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nproc,name,tp,pp", [
-    (2, "tiny-every-kind", 2, 2),  # 4 Megatron ranks over 2 processes
-    (4, "tiny-ultra-kinds", 1, 2),  # 2 Megatron ranks over 4 processes
-    (2, "tiny-llama", 1, 1),  # 1 Megatron rank; a Llama comes back a Llama
+@pytest.mark.parametrize("nproc,name,tp,pp,module", [
+    (2, "tiny-every-kind", 2, 2, "hetero_convert.cli"),  # 4 Megatron ranks over 2 processes
+    (4, "tiny-ultra-kinds", 1, 2, "hetero_convert.cli"),  # 2 Megatron ranks over 4 processes
+    (2, "tiny-llama", 1, 1, "hetero_convert.cli"),  # 1 Megatron rank; a Llama comes back a Llama
+    (2, "tiny-every-kind", 2, 2, "streamed_cli"),  # every chunk and HF tensor that can stream, streamed
 ])
-def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, pp):
+def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, pp, module):
     src = sources[name]
     hf_to_megatron(src, tmp_path / "meg1", tp=tp, pp=pp)
     megatron_to_hf(tmp_path / "meg1", tmp_path / "hf1", max_shard_size="300KB")
 
-    r = torchrun(nproc, "hf-to-megatron", src, tmp_path / "megN", "--tp", tp, "--pp", pp, "--workers", 2, "--json")
+    def streamed(r) -> list[int]:  # per process (streamed_cli only)
+        return [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("streamed: ")]
+
+    r = torchrun(nproc, "hf-to-megatron", src, tmp_path / "megN", "--tp", tp, "--pp", pp, "--workers", 2, "--json",
+                 module=module)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert module == "hetero_convert.cli" or (len(streamed(r)) == nproc and min(streamed(r)) > 0), r.stderr[-3000:]
     summary = json.loads(r.stdout)  # rank 0 alone prints it
     assert summary["layout"]["processes"] == nproc
     assert_same_megatron(tmp_path / "meg1", tmp_path / "megN")
@@ -113,8 +119,10 @@ def test_distributed_matches_single_process(sources, tmp_path, nproc, name, tp, 
     assert {f.split("_p")[1].split("_")[0] for f in files} == {str(p) for p in range(nproc)}
     assert_files_hold_their_rank(tmp_path / "megN" / "release", tp)
 
-    r = torchrun(nproc, "megatron-to-hf", tmp_path / "megN", tmp_path / "hfN", "--max-shard-size", "300KB")
+    r = torchrun(nproc, "megatron-to-hf", tmp_path / "megN", tmp_path / "hfN", "--max-shard-size", "300KB",
+                 module=module)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert module == "hetero_convert.cli" or (len(streamed(r)) == nproc and min(streamed(r)) > 0), r.stderr[-3000:]
     assert_same_tree(tmp_path / "hf1", tmp_path / "hfN")
     n, bad = compare_checkpoints(src, tmp_path / "hfN")
     assert n > 0 and bad == []
