@@ -2,7 +2,9 @@
 StreamingSafetensorsWriter.write_streamed): the same files as loading each tensor whole, the same checks, the
 same failures, and no memory budget taken for what streams."""
 
+import gc
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,10 +77,19 @@ def test_stored_rows_are_the_rows_load_gives(megatron, tiny_sources, name, tp, p
                 assert read_rows(rows, a, b) == raw_bytes(full[a:b]), (m.megatron, a, b)
 
 
-def test_a_record_that_is_not_plain_is_loaded_instead(megatron, monkeypatch):
-    reader = DCPReader(megatron[("tiny-every-kind", 1, 1)] / ITERATION_DIR)
-    monkeypatch.setattr(dcp, "tensor_span", lambda *a: None)
-    assert reader.stored_rows("embedding.word_embeddings.weight") is None
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_record_that_is_not_plain_is_loaded_instead(megatron, monkeypatch, tp):
+    """Given up on, with the files it opened closed again (an unclosed file warns when it is collected)."""
+    reader = DCPReader(megatron[("tiny-every-kind", tp, tp)] / ITERATION_DIR)
+    spans = []
+    real = dcp.tensor_span
+    monkeypatch.setattr(dcp, "tensor_span", lambda *a: (spans.append(1), real(*a) if len(spans) < tp else None)[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert reader.stored_rows("embedding.word_embeddings.weight") is None
+        gc.collect()
+    assert len(spans) == tp  # at TP=2 the first chunk's record was fine, the second not
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 # ---- whole conversions ---------------------------------------------------------------------------------------
@@ -172,17 +183,24 @@ def test_a_file_cut_short_while_streaming_fails_naming_the_tensor(megatron, tmp_
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["meg"]
 
 
-def test_padding_rows_are_checked_when_the_embedding_streams(megatron, tiny_sources, tmp_path, monkeypatch):
-    """The vocabulary's padding rows, read on their own: a non-zero one is refused as when loaded whole."""
-    meg = Path(shutil.copytree(megatron[("tiny-every-kind", 2, 2)], tmp_path / "meg"))
-    plan = load_plan(tiny_sources["tiny-every-kind"])
-    vocab = plan.vocab_size
+@pytest.mark.parametrize("name,beyond", [
+    ("tiny-every-kind", 1),  # vocabulary 1000: 1024 rows at TP=1 and at TP=2
+    ("tiny-tied", 223),  # vocabulary 777: 896 rows at TP=1, 1024 at TP=2 (saved): row 1000 is past TP=1's padding
+])
+def test_padding_rows_are_checked_when_the_embedding_streams(megatron, tiny_sources, tmp_path, monkeypatch, name,
+                                                             beyond):
+    """The vocabulary's padding rows, every one stored, read on their own: a non-zero one is refused as when
+    the embedding is loaded whole."""
+    meg = Path(shutil.copytree(megatron[(name, 2, 2)], tmp_path / "meg"))
+    plan = load_plan(tiny_sources[name])
+    vocab, bad = plan.vocab_size, plan.vocab_size + beyond
     reader = DCPReader(meg / ITERATION_DIR)
     key = "embedding.word_embeddings.weight"
-    assert reader.tensor_keys()[key].size[0] > vocab + 1
+    stored = reader.tensor_keys()[key].size[0]
+    assert stored > bad
     with reader.stored_rows(key) as rows:
-        first, count, f, offset, _ = next(s for s in rows.sources if s[0] <= vocab + 1 < s[0] + s[1])
-        at = offset + (vocab + 1 - first) * rows.row_bytes
+        first, count, f, offset, _ = next(s for s in rows.sources if s[0] <= bad < s[0] + s[1])
+        at = offset + (bad - first) * rows.row_bytes
         path = Path(f.name)
     with open(path, "r+b") as fh:
         fh.seek(at)
@@ -191,15 +209,28 @@ def test_padding_rows_are_checked_when_the_embedding_streams(megatron, tiny_sour
     padding_reads = []
     real = to_hf.StreamedChunk.materialize
     monkeypatch.setattr(to_hf.StreamedChunk, "materialize", lambda self: padding_reads.append(self.shape) or real(self))
-    with pytest.raises(ConversionError, match=rf"vocab_size {vocab} would cut real rows: row {vocab + 1} of "
-                                              rf"'{key}'"):
+    with pytest.raises(ConversionError, match=rf"vocab_size {vocab} would cut real rows: row {bad} of '{key}'"):
         megatron_to_hf(meg, tmp_path / "hf")
-    assert padding_reads == [(reader.tensor_keys()[key].size[0] - vocab, plan.hidden_size)]
+    assert padding_reads == [(stored - vocab, plan.hidden_size)]  # the embedding's only: the output layer's are not checked
     assert not (tmp_path / "hf").exists()
     monkeypatch.setattr(to_hf, "STREAM_MIN_BYTES", 1 << 40)  # the same refusal when loaded whole
-    with pytest.raises(ConversionError, match=rf"row {vocab + 1} of '{key}'"):
+    with pytest.raises(ConversionError, match=rf"vocab_size {vocab} would cut real rows: row {bad} of '{key}'"):
         megatron_to_hf(meg, tmp_path / "hf")
     assert len(padding_reads) == 1
+
+
+def test_a_data_file_that_cannot_be_opened_names_the_tensor(megatron, tmp_path, monkeypatch):
+    meg = Path(shutil.copytree(megatron[("tiny-every-kind", 1, 1)], tmp_path / "meg"))
+    stream_everything(monkeypatch)
+
+    def refused(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(dcp, "open", refused, raising=False)
+    with pytest.raises(ConversionError, match=r"^model: cannot read 'embedding\.word_embeddings\.weight': "
+                                              r"PermissionError: .*Permission denied"):
+        megatron_to_hf(meg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_the_safetensors_writer_checks_a_streamed_tensor_like_a_whole_one(tmp_path):

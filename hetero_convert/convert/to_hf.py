@@ -21,7 +21,7 @@ import torch
 from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader, StoredRows
-from ..io.description import padding_problem, tensor_problems
+from ..io.description import padding_checked, padding_problem, tensor_problems
 from ..io.hf_index import CheckpointError
 from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, export_schema, has_tokenizer, \
     plan_shards, write_config, write_generation_config
@@ -164,16 +164,19 @@ class ToHFJob:
             return None
         try:
             return self.reader.stored_rows(m.megatron)
-        except CheckpointError as e:
-            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {e}") from e
+        except (CheckpointError, OSError) as e:  # a record's header unreadable, a data file gone or unopenable
+            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
     def _stream_tensor(self, m: TensorMapping, w: ShardedWriter, rows: StoredRows, buf: torch.Tensor) -> None:
         dtype = self.dtype_of(m)
         failed: list[BaseException] = []
-        rest = tuple(m.shape[1:])
-        if m.vocab_padded and self.description and m.shape[0] > m.vocab_rows:  # the padding rows, read on their own
-            pad = StreamedChunk(dtype, (m.shape[0] - m.vocab_rows,) + rest, rows.pieces(m.vocab_rows, m.shape[0]),
-                                lambda block: None, failed.append).materialize()
+        # The padding rows, read on their own: every stored one (padded for the TP it was saved at, which may be
+        # more than m.shape, padded for TP=1).
+        stored = self.stored[m.megatron].size[0]
+        if self.description and padding_checked(m) and stored > m.vocab_rows:
+            pad = StreamedChunk(dtype, (stored - m.vocab_rows,) + tuple(m.shape[1:]),
+                                rows.pieces(m.vocab_rows, stored), lambda block: None, failed.append).materialize()
             self._raise_unreadable(m, failed)
             problem = padding_problem(m, pad)
             if problem:

@@ -207,15 +207,18 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
     return problems
 
 
+def padding_checked(m) -> bool:
+    """Whether `padding_problem` looks at `m`'s padding rows: the embedding's (see there)."""
+    return m.vocab_padded and m.megatron.startswith("embedding.")
+
+
 def padding_problem(m, pad) -> str | None:
     """The rows of the embedding beyond the vocabulary (`pad`: rows vocab_rows.. of the stored tensor) are cut
     off on the way out. Our writers fill them with zeros (Megatron's padding), and training keeps them so (no
     token id reaches them), so in a checkpoint that carries our description a non-zero row there is a real row
     that a smaller vocab_size would cut: the one thing about the vocabulary that the shapes cannot tell when
     both sizes pad to the same rows. (The output layer's padding rows do get gradients; they are not checked.)"""
-    if not m.megatron.startswith("embedding."):
-        return None
-    if pad.numel() == 0 or not bool(pad.any()):
+    if not padding_checked(m) or pad.numel() == 0 or not bool(pad.any()):
         return None
     first = m.vocab_rows + int(pad.reshape(pad.shape[0], -1).any(dim=1).nonzero()[0, 0])
     return (f"vocab_size {m.vocab_rows} would cut real rows: row {first} of '{m.megatron}' lies beyond it and is "

@@ -10,7 +10,6 @@ first and the tensors streamed after it. Files are read back with safetensors' o
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
-from .streamed import StreamedChunk
+from .streamed import StreamedChunk, check_size
 from .writeback import WRITEBACK
 
 
@@ -89,9 +88,11 @@ class StreamingSafetensorsWriter:
 
     def write_streamed(self, name: str, chunk: StreamedChunk, buf: torch.Tensor) -> None:
         """Write the tensor `chunk` describes a block at a time through `buf` (uint8), never whole in memory."""
-        nbytes = math.prod(chunk.shape) * chunk.dtype.itemsize
-        if chunk.nbytes != nbytes:
-            raise ValueError(f"{self.path.name}: tensor '{name}': its pieces hold {chunk.nbytes} bytes, not {nbytes}")
+        try:
+            check_size(chunk)
+        except ValueError as e:
+            raise ValueError(f"{self.path.name}: tensor '{name}': {e}") from None
+        nbytes = chunk.nbytes
         offset = self._claim(name, chunk.dtype, chunk.shape)
         base = self.data_start + offset
         for at, block in chunk.blocks(buf):

@@ -79,12 +79,20 @@ class StreamedChunk:
 
     def materialize(self) -> torch.Tensor:
         """The whole chunk as a tensor (the plain way), read through the same blocks."""
+        check_size(self)
         out = torch.empty(self.shape, dtype=self.dtype)
         flat = out.view(-1).view(torch.uint8)
         buf = torch.empty(min(BLOCK_BYTES, max(1, self.nbytes)), dtype=torch.uint8)
         for at, block in self.blocks(buf):
             flat[at:at + len(block)].copy_(torch.frombuffer(block, dtype=torch.uint8))
         return out
+
+
+def check_size(chunk: StreamedChunk) -> None:
+    """The pieces are the chunk's bytes, exactly: fewer would leave bytes unwritten, more would spill."""
+    if chunk.nbytes != math.prod(chunk.shape) * chunk.dtype.itemsize:
+        raise ValueError(f"streamed chunk {list(chunk.shape)} {chunk.dtype}: its pieces hold {chunk.nbytes} bytes, "
+                         f"not {math.prod(chunk.shape) * chunk.dtype.itemsize}")
 
 
 @functools.cache
@@ -109,8 +117,7 @@ def can_stream() -> bool:
 def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
     """Append `chunk` to the open file `f` (opened for reading too, "w+b") as torch.save(tensor, f) would, with
     its CRC32 turned off (the caller's `dcp._without_crc32`)."""
-    if chunk.nbytes != math.prod(chunk.shape) * chunk.dtype.itemsize:  # the pieces are the chunk's bytes, exactly
-        raise ValueError(f"streamed chunk {list(chunk.shape)} {chunk.dtype}: its pieces hold {chunk.nbytes} bytes")
+    check_size(chunk)
     start = f.tell()
     placeholder = torch.empty(chunk.shape, dtype=chunk.dtype)  # never touched: costs address space only
     with torch.serialization.skip_data():
