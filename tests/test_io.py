@@ -172,9 +172,10 @@ def write_dcp(path, tensors: dict, chunking: dict):
 
 
 def read_rows(rows, a: int, b: int) -> bytes:
-    """Rows [a, b) of a `StoredRows`, read through its pieces."""
+    """Rows [a, b) of a `StoredRows`, each piece read whole."""
     out = bytearray()
-    for read, n in rows.pieces(a, b):
+    scratch = torch.empty(max(1, (b - a) * rows.row_bytes), dtype=torch.uint8)
+    for read, n in rows.pieces(a, b, scratch):
         buf = bytearray(n)
         read(memoryview(buf), 0)
         out += buf

@@ -16,6 +16,7 @@ from hetero_convert.convert import to_hf
 from hetero_convert.io import dcp, hf_checkpoint
 from hetero_convert.io.dcp import DCPReader
 from hetero_convert.io.megatron_checkpoint import ITERATION_DIR
+from hetero_convert.io.streamed import StreamedChunk
 from hetero_convert.mappings import bind
 from hetero_convert.plan import load_plan
 
@@ -35,7 +36,7 @@ def megatron(tiny_sources, tmp_path_factory) -> dict[tuple[str, int, int], Path]
     return out
 
 
-def stream_everything(monkeypatch, block: int = 96) -> dict:
+def stream_everything(monkeypatch, block: int = 8000) -> dict:
     """Every tensor that can stream does (the fixtures' tensors are all below the size streamed by default),
     through a block buffer of `block` bytes so tensors span many blocks; returns the count of HF tensors
     written streamed."""
@@ -62,19 +63,22 @@ def files(out: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", FIXTURES)
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_stored_rows_are_the_rows_load_gives(megatron, tiny_sources, name, tp, pp):
-    """Every tensor but a row-parallel weight saved at TP > 1 (its chunks are column strips) is seen as byte
-    ranges of rows, and any run of rows read through them is those rows of the loaded tensor."""
+    """Every tensor is seen as byte ranges of its chunks (column strips for a row-parallel weight saved at
+    TP > 1), and any run of rows read through them is those rows of the loaded tensor: read whole, and block by
+    block through a buffer of a few rows (a strip's rows gathered per block)."""
     reader = DCPReader(megatron[(name, tp, pp)] / ITERATION_DIR)
     for m in bind(load_plan(tiny_sources[name])):
-        rows = reader.stored_rows(m.megatron)
-        if rows is None:
-            assert tp > 1 and m.tp_rule == "cols", m.megatron
-            continue
         full = reader.load(m.megatron)
         n = full.shape[0]
-        with rows:
+        with reader.stored_rows(m.megatron) as rows:
+            assert rows.unit == (rows.row_bytes if tp > 1 and m.tp_rule == "cols" else 1), m.megatron
             for a, b in ((0, n), (0, 1), (n // 3, n - n // 3), (n - 1, n)):
                 assert read_rows(rows, a, b) == raw_bytes(full[a:b]), (m.megatron, a, b)
+                block = torch.empty(3 * rows.row_bytes + 5, dtype=torch.uint8)
+                scratch = torch.empty_like(block)
+                chunk = StreamedChunk(full.dtype, tuple(full[a:b].shape), rows.pieces(a, b, scratch),
+                                      lambda t: None, lambda e: pytest.fail(repr(e)), rows.unit)
+                assert torch.equal(chunk.materialize(block), full[a:b]), (m.megatron, a, b)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -115,8 +119,9 @@ def test_a_dtype_conversion_is_not_streamed(megatron, tmp_path, monkeypatch):
 
 
 def test_streamed_tensors_take_no_memory_budget(megatron, tiny_sources, tmp_path, monkeypatch):
-    """The writer threads' budget counts the tensors loaded whole: at TP=2 the row-parallel weights (column
-    strips), nothing else once everything that can stream does."""
+    """The writer threads' budget counts the tensors loaded whole: none once everything streams, and at TP=2
+    the row-parallel weights when their rows are wider than the block (gathered from column strips, a block
+    holds whole rows)."""
     stream_everything(monkeypatch)
     taken = []
     real = dcp.ByteBudget.acquire
@@ -128,16 +133,20 @@ def test_streamed_tensors_take_no_memory_budget(megatron, tiny_sources, tmp_path
     monkeypatch.setattr(dcp.ByteBudget, "acquire", acquire)
     src = megatron[("tiny-every-kind", 2, 2)]
     megatron_to_hf(src, tmp_path / "hf", workers=3)
+    assert taken == []
+    monkeypatch.setattr(to_hf, "BLOCK_BYTES", 300)  # whole-row tensors still stream; strips of rows > 300 bytes not
+    megatron_to_hf(src, tmp_path / "hf2", workers=3)
     reader = DCPReader(src / ITERATION_DIR)
     maps = bind(load_plan(tiny_sources["tiny-every-kind"]))
-    assert sorted(taken) == sorted(reader.tensor_bytes(m.megatron) for m in maps if m.tp_rule == "cols")
+    wide = [reader.tensor_bytes(m.megatron) for m in maps if m.tp_rule == "cols" and m.shape[1] * 2 > 300]
+    assert wide and sorted(taken) == sorted(wide)
+    assert files(tmp_path / "hf") == files(tmp_path / "hf2")
 
 
 def stored_span(meg: Path, key: str) -> tuple[Path, int]:
     """The data file and offset of the first byte of `key`'s first chunk of rows."""
     with DCPReader(meg / ITERATION_DIR).stored_rows(key) as rows:
-        _, _, f, offset, _ = rows.sources[0]
-        return Path(f.name), offset
+        return Path(rows.strips[0].file.name), rows.strips[0].offset
 
 
 def test_nan_in_a_streamed_tensor_is_counted_and_refused_with_strict(megatron, tmp_path, monkeypatch):
@@ -199,16 +208,17 @@ def test_padding_rows_are_checked_when_the_embedding_streams(megatron, tiny_sour
     stored = reader.tensor_keys()[key].size[0]
     assert stored > bad
     with reader.stored_rows(key) as rows:
-        first, count, f, offset, _ = next(s for s in rows.sources if s[0] <= bad < s[0] + s[1])
-        at = offset + (bad - first) * rows.row_bytes
-        path = Path(f.name)
+        strip = next(s for s in rows.strips if s.first <= bad < s.first + s.rows)
+        at = strip.offset + (bad - strip.first) * rows.row_bytes
+        path = Path(strip.file.name)
     with open(path, "r+b") as fh:
         fh.seek(at)
         fh.write(raw_bytes(torch.ones(2, dtype=torch.bfloat16)))
     stream_everything(monkeypatch)
     padding_reads = []
     real = to_hf.StreamedChunk.materialize
-    monkeypatch.setattr(to_hf.StreamedChunk, "materialize", lambda self: padding_reads.append(self.shape) or real(self))
+    monkeypatch.setattr(to_hf.StreamedChunk, "materialize",
+                        lambda self, *a: padding_reads.append(self.shape) or real(self, *a))
     with pytest.raises(ConversionError, match=rf"vocab_size {vocab} would cut real rows: row {bad} of '{key}'"):
         megatron_to_hf(meg, tmp_path / "hf")
     assert padding_reads == [(stored - vocab, plan.hidden_size)]  # the embedding's only: the output layer's are not checked

@@ -141,14 +141,17 @@ class ToHFJob:
         return self.reader.tensor_bytes(m.megatron)
 
     def write_tensor(self, m: TensorMapping, w: ShardedWriter, budget: ByteBudget | None,
-                     buf: Callable[[], torch.Tensor]) -> None:
-        """One Megatron tensor written as its HF tensors: streamed through the thread's block buffer `buf()`
-        when its chunks hold whole rows in the output dtype, else loaded whole (any TP it was saved at)."""
+                     buffers: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One Megatron tensor written as its HF tensors: streamed through the thread's `buffers()` (a block, and
+        the scratch rows are gathered in from column strips) when its stored bytes can be (`stored_rows`), else
+        loaded whole (any TP it was saved at)."""
         rows = self.stored_rows(m)
         if rows is not None:
             with rows:
-                self._stream_tensor(m, w, rows, buf())
-            return
+                buf, scratch = buffers()
+                if rows.unit <= len(buf):  # (a row wider than the block, of column strips: loaded whole)
+                    self._stream_tensor(m, w, rows, buf, scratch)
+                    return
         held = budget.acquire(self.stored_bytes(m)) if budget else 0
         try:
             self._write_tensor(m, w)
@@ -158,8 +161,7 @@ class ToHFJob:
 
     def stored_rows(self, m: TensorMapping) -> StoredRows | None:
         """`m`'s stored chunks as byte ranges of rows (`DCPReader.stored_rows`), or None when it is loaded
-        whole: a dtype conversion, a row-parallel weight saved at TP > 1, a record that is not plain, or a
-        tensor too small to gain."""
+        whole: a dtype conversion, a record that is not plain, or a tensor too small to gain."""
         if self.dtype_of(m) != self.stored[m.megatron].properties.dtype or self.stored_bytes(m) < STREAM_MIN_BYTES:
             return None
         try:
@@ -168,7 +170,8 @@ class ToHFJob:
             raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
-    def _stream_tensor(self, m: TensorMapping, w: ShardedWriter, rows: StoredRows, buf: torch.Tensor) -> None:
+    def _stream_tensor(self, m: TensorMapping, w: ShardedWriter, rows: StoredRows, buf: torch.Tensor,
+                       scratch: torch.Tensor) -> None:
         dtype = self.dtype_of(m)
         failed: list[BaseException] = []
         # The padding rows, read on their own: every stored one (padded for the TP it was saved at, which may be
@@ -176,15 +179,16 @@ class ToHFJob:
         stored = self.stored[m.megatron].size[0]
         if self.description and padding_checked(m) and stored > m.vocab_rows:
             pad = StreamedChunk(dtype, (stored - m.vocab_rows,) + tuple(m.shape[1:]),
-                                rows.pieces(m.vocab_rows, stored), lambda block: None, failed.append).materialize()
+                                rows.pieces(m.vocab_rows, stored, scratch), lambda block: None, failed.append,
+                                rows.unit).materialize(buf)
             self._raise_unreadable(m, failed)
             problem = padding_problem(m, pad)
             if problem:
                 raise ConversionError(f"{self.it_dir / DESCRIPTION_FILE}: {problem}")
         for key, ranges, shape in zip(m.hf, m.hf_rows(), m.hf_shapes):
             finite = FiniteCount(f"{m.where}: {key}", self.sink, self.strict)
-            chunk = StreamedChunk(dtype, shape, [p for a, n in ranges for p in rows.pieces(a, a + n)], finite,
-                                  failed.append)
+            chunk = StreamedChunk(dtype, shape, [p for a, n in ranges for p in rows.pieces(a, a + n, scratch)],
+                                  finite, failed.append, rows.unit)
             try:
                 w.write_streamed(key, chunk, buf)
             except OSError as e:  # disk full, I/O error: say which tensor and shard
@@ -255,14 +259,14 @@ class ToHFJob:
                                create=False)
         local = threading.local()
 
-        def buf() -> torch.Tensor:  # each writer thread's block buffer, made on first use
+        def buffers() -> tuple[torch.Tensor, torch.Tensor]:  # each writer thread's, made on first use
             if not hasattr(local, "block"):
-                local.block = torch.empty(BLOCK_BYTES, dtype=torch.uint8)
+                local.block = torch.empty(BLOCK_BYTES, dtype=torch.uint8), torch.empty(BLOCK_BYTES, dtype=torch.uint8)
             return local.block
 
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
         try:
-            futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget, buf) for i in picked]
+            futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget, buffers) for i in picked]
             # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -311,29 +312,64 @@ def dcp_failures_named(what: str):
         raise CheckpointError(f"{what}: DCP could not load it ({type(first).__name__}: {text[:200]})") from None
 
 
+class Strip(NamedTuple):
+    """One chunk of a stored tensor as bytes: rows [first, first + rows), each holding `width` bytes of the
+    tensor's row from byte `col` on (the whole row, or a column strip of a row-parallel weight at TP > 1),
+    stored one after another from `offset` of the open data file `file`."""
+
+    first: int
+    rows: int
+    col: int
+    width: int
+    file: object
+    offset: int
+    where: str
+
+
 class StoredRows:
-    """A stored tensor whose every chunk holds whole rows (a TP=1 tensor, a row-split TP chunk), seen as the
-    byte range of each chunk's data in its record: any run of the tensor's rows is then a few plain reads, into
-    whatever buffer the caller reuses, with no tensor built. Made by `DCPReader.stored_rows`, which has checked
-    each record as `_read_in_place` does; holds the data files open until `close()`."""
+    """A stored tensor split only along its first two dimensions (TP=1, a row-split TP chunk, the column strips
+    of a row-parallel weight, a stacked layer), seen as the byte ranges of its chunks' data: any run of the
+    tensor's rows is then a few plain reads, into whatever buffer the caller reuses, with no tensor built. Made
+    by `DCPReader.stored_rows`, which has checked each record as `_read_in_place` does; holds the data files
+    open until `close()`.
 
-    def __init__(self, key: str, row_bytes: int, sources: list[tuple[int, int, object, int, str]]):
+    `unit`: 1 when every chunk holds whole rows (a run of rows is a byte range of one chunk); else a row's
+    bytes, as a row is then gathered from every strip, and a reader is asked for whole rows only."""
+
+    def __init__(self, key: str, row_bytes: int, strips: list[Strip]):
         self.key, self.row_bytes = key, row_bytes
-        self.sources = sorted(sources, key=lambda s: s[0])  # (first row, rows, open file, data offset, where)
+        self.strips = sorted(strips, key=lambda s: (s.first, s.col))
+        self.unit = 1 if all(s.width == row_bytes for s in strips) else row_bytes
 
-    def pieces(self, start: int, stop: int) -> list[tuple[Callable[[memoryview, int], None], int]]:
-        """Rows [start, stop) as `StreamedChunk` pieces: (read(buf, at), length) per chunk they span."""
+    def pieces(self, start: int, stop: int, scratch: torch.Tensor | None = None) -> list[tuple[Callable, int]]:
+        """Rows [start, stop) as `StreamedChunk` pieces, (read(buf, at), length): one per chunk they span, or,
+        for column strips, one gathering each block of rows through `scratch` (uint8, as large as the blocks)."""
+        if self.unit != 1:
+            return [(lambda buf, at: self._gather(buf, start + at // self.row_bytes, scratch),
+                     (stop - start) * self.row_bytes)]
         out = []
-        for first, rows, f, offset, where in self.sources:
-            lo, hi = max(start, first), min(stop, first + rows)
+        for s in self.strips:
+            lo, hi = max(start, s.first), min(stop, s.first + s.rows)
             if lo < hi:
-                base = offset + (lo - first) * self.row_bytes
-                out.append((lambda buf, at, f=f, base=base, where=where: _read_exactly(f, buf, base + at, where),
+                base = s.offset + (lo - s.first) * self.row_bytes
+                out.append((lambda buf, at, s=s, base=base: _read_exactly(s.file, buf, base + at, s.where),
                             (hi - lo) * self.row_bytes))
         return out
 
+    def _gather(self, buf: memoryview, first: int, scratch: torch.Tensor) -> None:
+        """Rows [first, first + k) into `buf` (k whole rows): each strip's part of them is one contiguous read
+        into `scratch`, then copied into its columns."""
+        k = len(buf) // self.row_bytes
+        rows = torch.frombuffer(buf, dtype=torch.uint8).view(k, self.row_bytes)
+        for s in self.strips:
+            lo, hi = max(first, s.first), min(first + k, s.first + s.rows)
+            if lo < hi:
+                part = scratch[:(hi - lo) * s.width]
+                _read_exactly(s.file, memoryview(part.numpy()), s.offset + (lo - s.first) * s.width, s.where)
+                rows[lo - first:hi - first, s.col:s.col + s.width].copy_(part.view(hi - lo, s.width))
+
     def close(self) -> None:
-        for f in {id(s[2]): s[2] for s in self.sources}.values():
+        for f in {id(s.file): s.file for s in self.strips}.values():
             f.close()
 
     def __enter__(self) -> StoredRows:
@@ -445,9 +481,9 @@ class DCPReader:
         return out
 
     def stored_rows(self, key: str) -> StoredRows | None:
-        """`key`'s chunks as `StoredRows`, or None when it must be loaded instead: a chunk narrower than the
-        tensor (a row-parallel weight at TP > 1), a compressed record, or one that is not the plain tensor
-        torch writes (`tensor_span`). A stacked layer's chunk holds that layer's rows at a fixed offset."""
+        """`key`'s chunks as `StoredRows`, or None when it must be loaded instead: a chunk split along a third
+        dimension, a compressed record, or one that is not the plain tensor torch writes (`tensor_span`). A
+        stacked layer's chunk holds that layer's rows at a fixed offset."""
         if key in self._views:
             stored, layer, vmd = self._views[key]
             md = self.metadata.state_dict_metadata[stored]
@@ -458,12 +494,13 @@ class DCPReader:
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{self.path / METADATA_FILE}: no tensor {quoted(key)}")
             chunks, size, lead = md.chunks, tuple(md.size), 0
-        if not size or any(tuple(c.sizes[lead + 1:]) != size[1:] for c in chunks):
+        if not size or any(tuple(c.sizes[lead + 2:]) != size[2:] for c in chunks):
             return None
         self._check_bytes_present(stored, md, chunks)
         dtype = md.properties.dtype
         row_bytes = math.prod(size[1:]) * dtype.itemsize
-        sources: list = []
+        inner = math.prod(size[2:]) * dtype.itemsize  # bytes per index of the second dimension
+        strips: list[Strip] = []
         files: dict[str, object] = {}
         try:
             for c in chunks:
@@ -478,11 +515,14 @@ class DCPReader:
                     return None
                 # a stacked chunk holds its layers one after another: skip the ones before `layer`
                 skip = (layer - c.offsets[0]) * math.prod(c.sizes[1:]) * dtype.itemsize if lead else 0
-                where = f"{self.path / name}: the chunk of {quoted(stored)} at {list(c.offsets)}"
-                sources.append((c.offsets[lead], c.sizes[lead], files[name], info.offset + span.offset + skip, where))
-            return StoredRows(key, row_bytes, sources)
+                col, width = (c.offsets[lead + 1] * inner, c.sizes[lead + 1] * inner) if len(size) > 1 \
+                    else (0, row_bytes)
+                strips.append(Strip(c.offsets[lead], c.sizes[lead], col, width, files[name],
+                                    info.offset + span.offset + skip,
+                                    f"{self.path / name}: the chunk of {quoted(stored)} at {list(c.offsets)}"))
+            return StoredRows(key, row_bytes, strips)
         finally:
-            if len(sources) < len(chunks):  # given up on (or failed): StoredRows did not take the files
+            if len(strips) < len(chunks):  # given up on (or failed): StoredRows did not take the files
                 for f in files.values():
                     f.close()
 

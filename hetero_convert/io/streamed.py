@@ -45,13 +45,16 @@ class StreamedChunk:
 
     `inspect(block)` sees every block (a tensor of `dtype`) before it is written. A reader that fails is
     reported to `failed(error)`, and the rest of the chunk is written as zeros (the record stays complete;
-    the caller fails the job before anything is published)."""
+    the caller fails the job before anything is published). `unit`: every block a reader is asked for starts
+    and ends on a multiple of it within its piece (whole rows, for a reader that gathers each row from several
+    column strips); the buffer must hold at least one unit."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     pieces: list[tuple[Reader, int]]
     inspect: Callable[[torch.Tensor], None]
     failed: Callable[[BaseException], None]
+    unit: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -60,10 +63,14 @@ class StreamedChunk:
     def blocks(self, buf: torch.Tensor):
         """Each block of the chunk's bytes, in order, read into `buf` (uint8): (byte offset, view of buf)."""
         raw = memoryview(buf.numpy())
+        unit = math.lcm(self.unit, self.dtype.itemsize)  # (a block is inspected as elements of `dtype`)
+        step = len(raw) // unit * unit
+        if step == 0:
+            raise ValueError(f"a block buffer of {len(raw)} bytes holds no unit of {unit} bytes")
         at, broken = 0, False
         for read, length in self.pieces:
-            for start in range(0, length, len(raw)):
-                n = min(len(raw), length - start)
+            for start in range(0, length, step):
+                n = min(step, length - start)
                 if read is None or broken:
                     buf[:n].zero_()
                 else:
@@ -77,12 +84,13 @@ class StreamedChunk:
                 yield at, raw[:n]
                 at += n
 
-    def materialize(self) -> torch.Tensor:
-        """The whole chunk as a tensor (the plain way), read through the same blocks."""
+    def materialize(self, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole chunk as a tensor (the plain way), read through the same blocks (through `buf` if given)."""
         check_size(self)
         out = torch.empty(self.shape, dtype=self.dtype)
         flat = out.view(-1).view(torch.uint8)
-        buf = torch.empty(min(BLOCK_BYTES, max(1, self.nbytes)), dtype=torch.uint8)
+        if buf is None:
+            buf = torch.empty(max(self.unit, min(BLOCK_BYTES, self.nbytes)), dtype=torch.uint8)
         for at, block in self.blocks(buf):
             flat[at:at + len(block)].copy_(torch.frombuffer(block, dtype=torch.uint8))
         return out
