@@ -198,22 +198,27 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
     L = 3
     tensors = {"decoder.layers.self_attention.linear_qkv.weight": torch.randn(L, 8, 4, generator=g).bfloat16(),
                "decoder.layers.mlp.linear_fc1.layer_norm_weight": torch.randn(L, 4, generator=g),
+               "decoder.layers.self_attention.linear_proj.weight": torch.randn(L, 5, 8, generator=g).bfloat16(),
                "decoder.layers.0.special.weight": torch.randn(2, 2, generator=g),
                "embedding.word_embeddings.weight": torch.randn(6, 4, generator=g)}
-    qkv, norm, special, emb = tensors
+    qkv, norm, proj, special, emb = tensors
     chunking = {qkv: [((i, 4 * t, 0), (1, 4, 4)) for i in range(L) for t in range(2)],  # per layer, TP=2
                 norm: [((0, 0), (L, 4))],  # one chunk holding every layer
+                # per layer, column strips of unequal widths, the last one also cut in rows
+                proj: [c for i in range(L) for c in (((i, 0, 0), (1, 5, 3)), ((i, 0, 3), (1, 2, 5)),
+                                                      ((i, 2, 3), (1, 3, 5)))],
                 special: [((0, 0), (2, 2))], emb: [((0, 0), (6, 4))]}
     write_dcp(tmp_path, tensors, chunking)
     reader = DCPReader(tmp_path)
     assert reader.view_stacked_layers(L + 1) == 0 and not reader.stacked  # not this model's layer count
-    assert reader.view_stacked_layers(L) == 2 and reader.stacked
+    assert reader.view_stacked_layers(L) == 3 and reader.stacked
     keys = reader.tensor_keys()
-    assert qkv not in keys and norm not in keys and {special, emb} <= set(keys)
+    assert qkv not in keys and norm not in keys and proj not in keys and {special, emb} <= set(keys)
     theirs = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in tensors.items()}
     dcp.load(theirs, storage_reader=dcp.FileSystemReader(str(tmp_path)), no_dist=True)
     for i in range(L):
-        for key, rest in ((qkv, "self_attention.linear_qkv.weight"), (norm, "mlp.linear_fc1.layer_norm_weight")):
+        for key, rest in ((qkv, "self_attention.linear_qkv.weight"), (norm, "mlp.linear_fc1.layer_norm_weight"),
+                          (proj, "self_attention.linear_proj.weight")):
             view = f"decoder.layers.{i}.{rest}"
             assert tuple(keys[view].size) == tuple(tensors[key].shape[1:])
             assert torch.equal(reader.load(view), theirs[key][i]) and torch.equal(reader.load(view), tensors[key][i])
@@ -222,6 +227,7 @@ def test_stacked_layers_read_per_layer_from_their_own_chunks(tmp_path):
             # As byte ranges of rows (megatron-to-hf's streaming): layer i's rows, at its place in the chunk.
             with reader.stored_rows(view) as rows:
                 n = tensors[key].shape[1]
+                assert rows.unit == (16 if key == proj else 1)  # the strips' rows gathered, 8 bf16 each
                 for a, b in ((0, n), (1, n - 1), (n - 1, n)):
                     assert read_rows(rows, a, b) == raw_bytes(tensors[key][i][a:b]), (view, a, b)
     # Garble layer 1's first chunk of the QKV: layer 1 is refused, naming the stacked entry and the chunk.

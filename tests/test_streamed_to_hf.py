@@ -267,3 +267,8 @@ def test_the_safetensors_writer_checks_a_streamed_tensor_like_a_whole_one(tmp_pa
         w.close()
     assert torch.equal(torch.frombuffer(bytearray((tmp_path / "a.safetensors").read_bytes()[-len(raw):]),
                                         dtype=torch.bfloat16).view(5, 3), t)
+
+
+def test_an_empty_chunk_materializes_empty():
+    chunk = StreamedChunk(torch.bfloat16, (0, 4), [], lambda t: None, lambda e: pytest.fail(repr(e)))
+    assert chunk.materialize().shape == (0, 4)

@@ -190,8 +190,8 @@ def test_training_run_with_distributed_optimizer_exports_bit_exactly(tmp_path, k
     assert read < model_bytes + (it / ".metadata").stat().st_size + (1 << 20) < model_bytes + other, (read, model_bytes)
     first, again = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    # Every tensor that can stream streamed (megatron's own records; a stacked entry's layers at their offsets in
-    # chunks holding one layer each): the same file.
+    # Every tensor streamed (megatron's own records; the llama's stacked layers at their offsets in chunks holding
+    # one layer each, its row-parallel weights in column strips): the same file.
     with pytest.MonkeyPatch.context() as mp:
         from hetero_convert.convert import to_hf
 
@@ -199,11 +199,12 @@ def test_training_run_with_distributed_optimizer_exports_bit_exactly(tmp_path, k
 
         streamed, real = [], ShardedWriter.write_streamed
         mp.setattr(to_hf, "STREAM_MIN_BYTES", 0)
-        mp.setattr(to_hf, "BLOCK_BYTES", 96)
+        mp.setattr(to_hf, "BLOCK_BYTES", 1000)  # a few whole rows: the widest (down_proj's) is 512 bytes
         mp.setattr(ShardedWriter, "write_streamed", lambda self, key, *a: (streamed.append(key), real(self, key, *a)))
         megatron_to_hf(root, tmp_path / "hf3", verify_integrity=False)
-    assert {"model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
-            "model.layers.1.mlp.up_proj.weight", "model.layers.1.input_layernorm.weight"} <= set(streamed)
+    assert {"model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+            "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight",
+            "model.layers.1.input_layernorm.weight"} <= set(streamed)  # (the llama's at TP=2: column strips)
     assert (tmp_path / "hf3" / "model.safetensors").read_bytes() == (tmp_path / "hf2" / "model.safetensors").read_bytes()
     if manifest.is_file():
         assert any("integrity.json: not verified" in w for w in s2.warnings)

@@ -269,8 +269,9 @@ class ToHFJob:
             futures = [pool.submit(self.write_tensor, self.maps[i], writer, budget, buffers) for i in picked]
             # The first failure, wherever it is, stops the queue: no need to finish the tensors before it.
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                f.result()
+            for f in futures:  # the first failure in the tensors' order (others may fail meanwhile)
+                if f in done:
+                    f.result()
             pool.shutdown()
             writer.close()
         except BaseException:

@@ -90,7 +90,8 @@ class StreamedChunk:
         out = torch.empty(self.shape, dtype=self.dtype)
         flat = out.view(-1).view(torch.uint8)
         if buf is None:
-            buf = torch.empty(max(self.unit, min(BLOCK_BYTES, self.nbytes)), dtype=torch.uint8)
+            buf = torch.empty(max(math.lcm(self.unit, self.dtype.itemsize), min(BLOCK_BYTES, self.nbytes)),
+                              dtype=torch.uint8)
         for at, block in self.blocks(buf):
             flat[at:at + len(block)].copy_(torch.frombuffer(block, dtype=torch.uint8))
         return out
