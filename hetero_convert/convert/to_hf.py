@@ -2,9 +2,10 @@
 
 description (ours, or a training run's args) -> plan -> every stored key checked against the plan (before
 anything is written) -> safetensors shards planned from the plan (names, dtypes, shapes) and created -> one
-Megatron tensor at a time loaded whole, at whatever TP it was saved, cut into its HF tensors, each written at
-its planned offset (by whichever process the tensor went to) -> index, config.json with regenerated
-block_configs, remote code, tokenizer.
+Megatron tensor at a time, at whatever TP it was saved, cut into its HF tensors, each written at its planned
+offset (by whichever process the tensor went to): streamed from the records' byte ranges through a small
+buffer, or loaded whole where it cannot be -> index, config.json with regenerated block_configs, remote code,
+tokenizer.
 """
 
 from __future__ import annotations
