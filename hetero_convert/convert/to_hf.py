@@ -67,6 +67,12 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], descriptio
                               + "\n  - ".join(problems[:50]))
 
 
+def unreadable(m: TensorMapping, e: BaseException) -> ConversionError:
+    """One line for a stored tensor that could not be read: its layer and key, and the first line of why."""
+    return ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}")
+
+
 def plan_hf_shards(maps: list[TensorMapping], dtype_of, max_bytes: int):
     """The shards' tensor layouts. All HF tensors of one Megatron tensor go to the same shard, so the tensor
     that is loaded once to make them is written into one file."""
@@ -168,8 +174,7 @@ class ToHFJob:
         try:
             return self.reader.stored_rows(m.megatron)
         except (CheckpointError, OSError) as e:  # a record's header unreadable, a data file gone or unopenable
-            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            raise unreadable(m, e) from e
 
     def _stream_tensor(self, m: TensorMapping, w: ShardedWriter, rows: StoredRows, buf: torch.Tensor,
                        scratch: torch.Tensor) -> None:
@@ -203,9 +208,7 @@ class ToHFJob:
     @staticmethod
     def _raise_unreadable(m: TensorMapping, failed: list[BaseException]) -> None:
         if failed:
-            e = failed[0]
-            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            raise unreadable(m, failed[0]) from failed[0]
 
     def _count(self, nbytes: int) -> None:
         with self.lock:
@@ -218,8 +221,7 @@ class ToHFJob:
         try:
             full = self.reader.load(m.megatron)
         except Exception as e:  # a corrupt chunk: name the tensor, not only the zip reader's complaint
-            raise ConversionError(f"{m.where}: cannot read '{m.megatron}': {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            raise unreadable(m, e) from e
         if m.vocab_padded and self.description:
             problem = padding_problem(m, full[m.vocab_rows:])
             if problem:
