@@ -26,6 +26,7 @@ def counted(fn):
 
 
 dcp.save_streamed = counted(dcp.save_streamed)
+dcp.save_hole = counted(dcp.save_hole)
 hf_checkpoint.ShardedWriter.write_streamed = counted(hf_checkpoint.ShardedWriter.write_streamed)
 atexit.register(lambda: print(f"streamed: {count[0]} (rank {os.environ.get('RANK')})", file=sys.stderr))
 

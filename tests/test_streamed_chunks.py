@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from hetero_convert.convert import ConversionError, hf_to_megatron
 from hetero_convert.convert import to_megatron
 from hetero_convert.io import dcp, streamed
+from hetero_convert.io.dcp import DCPReader
 from hetero_convert.io.hf_reader import HFCheckpoint
 from hetero_convert.io.megatron_checkpoint import ITERATION_DIR
 from hetero_convert.io.streamed import StreamedChunk, save_streamed
@@ -31,19 +32,25 @@ def sources(tiny_sources):
 
 
 def stream_everything(monkeypatch, block: int = 96):
-    """Every whole-row chunk streamed (the fixtures' chunks are all below the size that is streamed by
-    default), through a block buffer of `block` bytes, so chunks span many blocks; returns the count of
-    records written streamed."""
+    """Every chunk streamed (the fixtures' chunks are all below the size that is streamed by default), through
+    a block buffer of `block` bytes, so chunks span many blocks; returns the counts of records written streamed
+    ("n") and of column strips written with a hole and filled from the rows ("holes")."""
     monkeypatch.setattr(to_megatron, "STREAM_MIN_BYTES", 0)
     monkeypatch.setattr(dcp, "BLOCK_BYTES", block)
-    calls = {"n": 0}
-    real = dcp.save_streamed
+    monkeypatch.setattr(to_megatron, "BLOCK_BYTES", block)  # column strips: one source row per block
+    calls = {"n": 0, "holes": 0}
+    real, real_hole = dcp.save_streamed, dcp.save_hole
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
+    def counted_hole(*a, **k):
+        calls["holes"] += 1
+        return real_hole(*a, **k)
+
     monkeypatch.setattr(dcp, "save_streamed", counted)
+    monkeypatch.setattr(dcp, "save_hole", counted_hole)
     return calls
 
 
@@ -158,19 +165,20 @@ def test_streamed_conversion_writes_the_same_files(sources, tmp_path, monkeypatc
     hf_to_megatron(sources[name], tmp_path / "plain", tp=tp, pp=pp, workers=2)
     calls = stream_everything(monkeypatch)
     hf_to_megatron(sources[name], tmp_path / "streamed", tp=tp, pp=pp, workers=2)
-    assert calls["n"] > 0
+    assert calls["n"] > 0 and (calls["holes"] > 0) == (tp > 1)
     plain, stream = data_files(tmp_path / "plain"), data_files(tmp_path / "streamed")
     assert plain.keys() == stream.keys() and all(plain[k] == stream[k] for k in plain)
 
 
-def test_streamed_chunks_hold_no_budget_and_strided_ones_do(sources, monkeypatch):
-    """The writer threads' memory budget counts what a group reads whole: nothing for whole-row chunks when
-    they stream, every chunk of a row-parallel weight at TP > 1."""
+def test_streamed_chunks_hold_no_budget(sources, monkeypatch):
+    """The writer threads' memory budget counts what a group reads whole: nothing once every chunk streams,
+    whole-row chunks and the column strips of a row-parallel weight at TP > 1 (holes filled from the rows)
+    alike; everything when nothing streams."""
     monkeypatch.setattr(to_megatron, "STREAM_MIN_BYTES", 0)
     job = ToMegatronJob(sources["tiny-every-kind"], Path("/nonexistent"), 2, 1, None, False, None)
+    assert any(m.tp_rule == "cols" for m in job.maps)
     for m, group in zip(job.maps, job.grouped.groups):
-        whole = job.grouped.write_bytes(group)
-        assert job.held_bytes(group) == (whole if m.tp_rule == "cols" else 0), m.megatron
+        assert job.held_bytes(group) == 0, m.megatron
     monkeypatch.setattr(to_megatron, "STREAM_MIN_BYTES", 1 << 40)
     assert all(job.held_bytes(g) == job.grouped.write_bytes(g) for g in job.grouped.groups[:len(job.maps)])
 
@@ -198,7 +206,38 @@ def test_nan_in_several_blocks_is_counted_once_and_refused_with_strict(sources, 
     assert not (tmp_path / "meg2").exists() and not list(tmp_path.glob(".meg2.partial-*"))
 
 
-def test_a_source_cut_short_while_streaming_fails_naming_the_tensor(sources, tmp_path, monkeypatch):
+def test_nan_in_column_strips_is_counted_once_per_tensor(sources, tmp_path, monkeypatch):
+    """down_proj at TP=2 is two column strips filled from one pass over its rows: its NaN/Inf are counted
+    once, for the tensor, wherever they are."""
+    src = copy_src(sources, tmp_path)
+    key = "model.layers.7.mlp.down_proj.weight"
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][0, 0] = float("nan")  # in the first strip
+    tensors[key][-1, -1] = float("-inf")  # in the second
+    save_file(tensors, shard, metadata={"format": "pt"})
+    calls = stream_everything(monkeypatch)
+    s = hf_to_megatron(src, tmp_path / "meg", tp=2)
+    assert calls["holes"] > 0
+    assert [w for w in s.warnings if "NaN/Inf" in w] == [
+        "layer 7: decoder.layers.7.mlp.linear_fc2.weight (from model.layers.7.mlp.down_proj.weight): 2 NaN/Inf values"]
+    back = DCPReader(tmp_path / "meg" / ITERATION_DIR).load("decoder.layers.7.mlp.linear_fc2.weight")
+    assert torch.equal(back.view(torch.int16), tensors[key].view(torch.int16))  # bit for bit, NaN included
+
+
+def test_column_strips_without_the_plain_record_are_written_whole(sources, tmp_path, monkeypatch):
+    """Where torch's record is not one `tensor_span` recognises, a strip is saved whole instead: the same files."""
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "plain", tp=2)
+    calls = stream_everything(monkeypatch)
+    monkeypatch.setattr(streamed, "tensor_span", lambda *a: None)
+    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "fallback", tp=2)
+    assert calls["holes"] > 0
+    plain, fallback = data_files(tmp_path / "plain"), data_files(tmp_path / "fallback")
+    assert plain.keys() == fallback.keys() and all(plain[k] == fallback[k] for k in plain)
+
+
+@pytest.mark.parametrize("tp", [1, 2])  # TP=2: down_proj's column strips, filled from one pass over its rows
+def test_a_source_cut_short_while_streaming_fails_naming_the_tensor(sources, tmp_path, monkeypatch, tp):
     """The shard is truncated after the checks, during the conversion: the conversion fails naming the file
     and tensor, once, and publishes nothing."""
     src = copy_src(sources, tmp_path)
@@ -215,7 +254,7 @@ def test_a_source_cut_short_while_streaming_fails_naming_the_tensor(sources, tmp
 
     monkeypatch.setattr(HFCheckpoint, "read_bytes", cut)
     with pytest.raises(ConversionError) as e:
-        hf_to_megatron(src, tmp_path / "meg", tp=1, workers=2)
+        hf_to_megatron(src, tmp_path / "meg", tp=tp, workers=2)
     lines = [x for x in str(e.value).splitlines() if "down_proj" in x or "linear_fc2" in x]
     assert lines == [f"layer 3: decoder.layers.3.mlp.linear_fc2.weight: CheckpointError: {info.file}: unexpected "
                      f"end of file reading tensor '{key}'"], str(e.value)

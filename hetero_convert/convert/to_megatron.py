@@ -18,15 +18,16 @@ import torch
 
 from .. import dtypes
 from ..errors import ConversionError
-from ..io.dcp import bytes_item, extra_state_payload, tensor_item
-from ..io.streamed import STREAM_MIN_BYTES, StreamedChunk, can_stream
+from ..io.dcp import bytes_item, extra_state_payload, tensor_item, write_failure
+from ..io.streamed import BLOCK_BYTES, STREAM_MIN_BYTES, HoleChunk, StreamedChunk, can_stream, pwrite_all
+from ..io.writeback import WRITEBACK
 from ..io.hf_reader import HFCheckpoint
 from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
 from ..io.megatron_checkpoint import DESCRIPTION_FORMAT, FORMAT_VERSION, HF_FILES_DIR, ITERATION_DIR, \
     common_state, write_description, write_megatron_files
 from ..layout import require_layout
-from ..mappings import TensorMapping, bind, ignored_hf_key
+from ..mappings import Chunk, TensorMapping, bind, ignored_hf_key
 from ..megatron.compat import COMMON_STATE, COMMON_STATE_KEY, common_forms, common_state_payload
 from ..plan import load_config, load_plan
 from .common import ErrorSink, FiniteCount, Summary, check_finite
@@ -166,7 +167,8 @@ class ToMegatronJob:
         dtype = self.dtype_of(m)
         what = f"{m.where}: {m.megatron} (from {', '.join(m.hf)})"
         pieces = [self.stream_pieces(m, c, dtype) for c in chunks]
-        plain = [c for c, p in zip(chunks, pieces) if p is None]
+        strips = [self.strip_chunk(m, c, dtype) for c in chunks]  # filled below, from one pass over the rows
+        plain = [c for c, p, h in zip(chunks, pieces, strips) if p is None and not h]
         read: list[torch.Tensor] = []
         if plain:
             try:
@@ -183,7 +185,12 @@ class ToMegatronJob:
                 failed.append(f"{m.where}: {m.megatron}: {type(e).__name__}: {e}")
                 self.sink.error(failed[0])
 
-        for item, c, p in zip(chunked, chunks, pieces):
+        holes: list[tuple[HoleChunk, Chunk]] = []
+        for item, c, p, strip in zip(chunked, chunks, pieces, strips):
+            if strip:
+                holes.append((HoleChunk(dtype, tuple(c.sizes), lambda c=c: self.read_strip(m, c, dtype, what)), c))
+                yield item, holes[-1][0]
+                continue  # counted once filled
             if p is None:
                 yield item, read.pop(0)
             else:
@@ -191,15 +198,73 @@ class ToMegatronJob:
                 yield item, StreamedChunk(dtype, tuple(c.sizes), p, finite, fail)
                 finite.report()
             # counted once written: the consumer asks for the next item only after writing this one
-            nbytes = math.prod(c.sizes) * dtype.itemsize
-            with self.counter:
-                self.summary.bytes_written += nbytes
-                self.summary.chunks += 1
-            if self.progress is not None:
-                self.progress(nbytes)
+            self._count(math.prod(c.sizes) * dtype.itemsize)
+        if holes:  # every strip's record is written (the consumer asked for the next item): fill them
+            self.fill_strips(m, holes, dtype, what, fail)
+            for _, c in holes:
+                self._count(math.prod(c.sizes) * dtype.itemsize)
         for item in group:
             if item.type.name == "BYTE_IO":
                 yield item, extra_state_payload()
+
+    def _count(self, nbytes: int) -> None:
+        with self.counter:
+            self.summary.bytes_written += nbytes
+            self.summary.chunks += 1
+        if self.progress is not None:
+            self.progress(nbytes)
+
+    def strip_chunk(self, m: TensorMapping, chunk, dtype: torch.dtype) -> bool:
+        """Whether `chunk` is a column strip of one HF tensor (a row-parallel weight at TP > 1), in the source's
+        dtype, written as a `HoleChunk` and filled by `fill_strips`; False: read whole (`read_chunks`)."""
+        if not self.streams or m.tp_rule != "cols" or len(m.hf) != 1 or len(m.shape) != 2:
+            return False
+        name = m.hf[0]
+        info = self.ckpt.tensors[name]
+        return (info.dtype == dtype and tuple(info.shape) == tuple(m.shape) and chunk.sizes[1] != m.shape[1]
+                and m.numel * dtype.itemsize >= STREAM_MIN_BYTES)
+
+    def read_strip(self, m: TensorMapping, chunk, dtype: torch.dtype, what: str) -> torch.Tensor:
+        """The whole strip, read the plain way (where torch's record cannot be left with a hole)."""
+        t = m.read_chunk(self.ckpt, chunk, dtype)
+        check_finite(t, what, self.sink, self.strict)
+        return t
+
+    def fill_strips(self, m: TensorMapping, holes: list, dtype: torch.dtype, what: str, fail) -> None:
+        """Fill the strips' records from one pass over the source tensor's rows: a block of whole rows read,
+        checked for NaN/Inf, and each strip's columns of it copied together and written at their place. A read
+        that fails goes to `fail` and leaves the rest of the holes as zeros (the job fails before the commit)."""
+        name = m.hf[0]
+        rows, row_bytes = m.shape[0], m.shape[1] * dtype.itemsize
+        step = max(1, BLOCK_BYTES // row_bytes)
+        block = torch.empty(min(step, rows) * row_bytes, dtype=torch.uint8)
+        scratch = torch.empty(min(step, rows) * max(c.sizes[1] for _, c in holes) * dtype.itemsize,
+                              dtype=torch.uint8)
+        finite = FiniteCount(what, self.sink, self.strict)
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            whole = block[:n * row_bytes]
+            try:
+                self.ckpt.read_bytes(name, r * row_bytes, memoryview(whole.numpy()))
+            except Exception as e:  # noqa: BLE001 - reported through `fail`, the rest of the holes zeros
+                fail(e)
+                break
+            finite(whole.view(dtype))
+            for hole, c in holes:
+                if hole.hole is None:  # written whole from its fallback
+                    continue
+                fd, path, base = hole.hole
+                col, width = c.offsets[1] * dtype.itemsize, c.sizes[1] * dtype.itemsize
+                part = scratch[:n * width]
+                part.view(n, width).copy_(whole.view(n, row_bytes)[:, col:col + width])
+                try:
+                    pwrite_all(fd, memoryview(part.numpy()), base + r * width)
+                except OSError as e:  # disk full: the file and the tensor, on one line
+                    raise ConversionError(write_failure(Path(path), m.megatron, e)) from None
+        finite.report()
+        for hole, c in holes:
+            if hole.hole is not None:  # now dirty: the file's sequential write-back had passed it as a hole
+                WRITEBACK.submit(hole.hole[1], hole.hole[2], math.prod(c.sizes) * dtype.itemsize)
 
     def stream_pieces(self, m: TensorMapping, chunk, dtype: torch.dtype):
         """The chunk as `StreamedChunk` pieces (readers of source byte ranges, None for padding), or None when
@@ -221,8 +286,9 @@ class ToMegatronJob:
             return 0
         m = self.lookup[(chunked[0].index.fqn, tuple(chunked[0].index.offset))][0]
         dtype = self.dtype_of(m)
-        return sum(math.prod(it.tensor_data.chunk.sizes) * dtype.itemsize for it in chunked
-                   if self.stream_pieces(m, self.lookup[(it.index.fqn, tuple(it.index.offset))][1], dtype) is None)
+        chunks = [self.lookup[(it.index.fqn, tuple(it.index.offset))][1] for it in chunked]
+        return sum(math.prod(c.sizes) * dtype.itemsize for c in chunks
+                   if self.stream_pieces(m, c, dtype) is None and not self.strip_chunk(m, c, dtype))
 
     def read_plan(self, groups: list[list]) -> list[tuple[Path, int, int]]:
         """The source byte ranges of `groups`, in their order (the writer threads each go through their share

@@ -38,7 +38,7 @@ from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMeta
 from ..errors import ConversionError
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
-from .streamed import BLOCK_BYTES, StreamedChunk, save_streamed
+from .streamed import BLOCK_BYTES, HoleChunk, StreamedChunk, save_hole, save_streamed
 from .torch_record import FileRange, tensor_span
 from .writeback import SequentialWriteback
 from .safe_pickle import (
@@ -107,12 +107,14 @@ class ByteBudget:
 def _write_item(f, name: str, item: WriteItem, data, buf: Callable[[], torch.Tensor]) -> WriteResult:
     """Append one item to an open data file, serialised exactly as DCP's own writer does (torch.save of the
     chunk, raw bytes for objects), and say where it went. A `StreamedChunk` goes through `buf()`, the
-    thread's block buffer."""
+    thread's block buffer; a `HoleChunk`'s data is left for its producer to fill."""
     offset = f.tell()
     if item.type == WriteItemType.BYTE_IO:
         f.write(data.getbuffer())
     elif isinstance(data, StreamedChunk):
         save_streamed(f, data, buf())
+    elif isinstance(data, HoleChunk):
+        save_hole(f, data)
     else:
         torch.save(data, f)
     length = f.tell() - offset

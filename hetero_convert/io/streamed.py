@@ -127,22 +127,56 @@ def save_streamed(f, chunk: StreamedChunk, buf: torch.Tensor) -> None:
     """Append `chunk` to the open file `f` (opened for reading too, "w+b") as torch.save(tensor, f) would, with
     its CRC32 turned off (the caller's `dcp._without_crc32`)."""
     check_size(chunk)
+    base = _record_with_hole(f, chunk.dtype, chunk.shape)
+    if base is None:
+        torch.save(chunk.materialize(), f)
+        return
+    for at, block in chunk.blocks(buf):
+        pwrite_all(f.fileno(), block, base + at)
+
+
+@dataclass
+class HoleChunk:
+    """A chunk whose record is written now with a hole for its data, which its producer fills later: the TP
+    chunks of a row-parallel weight, filled together from one pass over the source's rows (a chunk's rows are
+    strided in the source, so filling each on its own would read the source once per chunk). `save_hole` sets
+    `hole` to (file descriptor, path, offset of the data); it stays None where torch's record is not the plain
+    layout, and the chunk is then saved whole from `fallback()`."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    fallback: Callable[[], torch.Tensor]
+    hole: tuple[int, str, int] | None = None
+
+
+def save_hole(f, chunk: HoleChunk) -> None:
+    """Append `chunk`'s record to `f` as `save_streamed` does, leaving its data to be filled."""
+    base = _record_with_hole(f, chunk.dtype, chunk.shape)
+    if base is None:
+        torch.save(chunk.fallback(), f)
+    else:
+        chunk.hole = (f.fileno(), f.name, base)
+
+
+def _record_with_hole(f, dtype: torch.dtype, shape: tuple[int, ...]) -> int | None:
+    """torch.save's record of a tensor of `dtype` and `shape`, appended to `f` with its data left as a hole:
+    where the data goes, or None (the record cut off again) when `tensor_span` does not find it."""
     start = f.tell()
-    placeholder = torch.empty(chunk.shape, dtype=chunk.dtype)  # never touched: costs address space only
+    placeholder = torch.empty(shape, dtype=dtype)  # never touched: costs address space only
     with torch.serialization.skip_data():
         torch.save(placeholder, f)
     del placeholder
     f.flush()
     end = f.tell()
-    span = tensor_span(FileRange(f, start, end - start), chunk.dtype, chunk.shape)
+    span = tensor_span(FileRange(f, start, end - start), dtype, shape)
     if span is None:  # (a span found is the chunk's size: tensor_span checks it against dtype and shape)
         f.seek(start)
         f.truncate()
-        torch.save(chunk.materialize(), f)
-        return
-    fd, base = f.fileno(), start + span.offset
-    for at, block in chunk.blocks(buf):
-        done = 0
-        while done < len(block):
-            done += os.pwrite(fd, block[done:], base + at + done)
+        return None
+    return start + span.offset
 
+
+def pwrite_all(fd: int, data, at: int) -> None:
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
