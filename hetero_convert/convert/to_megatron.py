@@ -153,7 +153,9 @@ class ToMegatronJob:
 
     def produce(self, group: list):
         """(item, data) for every item of one tensor's group. A chunk that is a plain copy of source bytes is
-        a `StreamedChunk`, written a block at a time; the others are read together into tensors. A source that
+        a `StreamedChunk`, written a block at a time; the column strips of a row-parallel weight are
+        `HoleChunk`s, filled once all of them are written (`fill_strips`); the others are read together into
+        tensors. A source that
         cannot be read, or NaN/Inf under `strict`, is recorded and the chunk still written (zeros in place of
         what could not be read), so the rank's files complete and the job then fails naming every problem
         (they are checked before the commit)."""
@@ -280,7 +282,7 @@ class ToMegatronJob:
 
     def held_bytes(self, group: list) -> int:
         """What producing `group` holds in memory: the chunks it reads whole (a streamed chunk holds only its
-        writer thread's block buffer)."""
+        writer thread's block buffer, column strips one block of source rows)."""
         chunked = [it for it in group if it.type.name != "BYTE_IO"]
         if not chunked:
             return 0
