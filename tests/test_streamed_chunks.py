@@ -160,10 +160,10 @@ def test_a_record_without_the_plain_layout_is_written_whole(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_streamed_conversion_writes_the_same_files(sources, tmp_path, monkeypatch, name, tp, pp):
+@pytest.mark.parametrize("tp,pp,block", [(1, 1, 96), (2, 2, 96), (2, 2, 1000)])  # 1000: strips filled several
+def test_streamed_conversion_writes_the_same_files(sources, tmp_path, monkeypatch, name, tp, pp, block):  # rows a block
     hf_to_megatron(sources[name], tmp_path / "plain", tp=tp, pp=pp, workers=2)
-    calls = stream_everything(monkeypatch)
+    calls = stream_everything(monkeypatch, block)
     hf_to_megatron(sources[name], tmp_path / "streamed", tp=tp, pp=pp, workers=2)
     assert calls["n"] > 0 and (calls["holes"] > 0) == (tp > 1)
     plain, stream = data_files(tmp_path / "plain"), data_files(tmp_path / "streamed")
@@ -216,24 +216,41 @@ def test_nan_in_column_strips_is_counted_once_per_tensor(sources, tmp_path, monk
     tensors[key][0, 0] = float("nan")  # in the first strip
     tensors[key][-1, -1] = float("-inf")  # in the second
     save_file(tensors, shard, metadata={"format": "pt"})
-    calls = stream_everything(monkeypatch)
+    calls = stream_everything(monkeypatch, 1000)
     s = hf_to_megatron(src, tmp_path / "meg", tp=2)
     assert calls["holes"] > 0
     assert [w for w in s.warnings if "NaN/Inf" in w] == [
         "layer 7: decoder.layers.7.mlp.linear_fc2.weight (from model.layers.7.mlp.down_proj.weight): 2 NaN/Inf values"]
+    with pytest.raises(ConversionError, match=r"linear_fc2.weight .* 2 NaN/Inf values \(refused: --strict\)"):
+        hf_to_megatron(src, tmp_path / "strict", tp=2, strict=True)
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict.partial-*"))
     back = DCPReader(tmp_path / "meg" / ITERATION_DIR).load("decoder.layers.7.mlp.linear_fc2.weight")
     assert torch.equal(back.view(torch.int16), tensors[key].view(torch.int16))  # bit for bit, NaN included
 
 
 def test_column_strips_without_the_plain_record_are_written_whole(sources, tmp_path, monkeypatch):
-    """Where torch's record is not one `tensor_span` recognises, a strip is saved whole instead: the same files."""
-    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "plain", tp=2)
-    calls = stream_everything(monkeypatch)
+    """Where torch's record is not one `tensor_span` recognises, a strip is saved whole instead: the same files,
+    NaN/Inf counted once, refused under --strict."""
+    src = copy_src(sources, tmp_path)
+    key = "model.layers.7.mlp.down_proj.weight"
+    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][0, 0] = float("nan")
+    tensors[key][-1, -1] = float("-inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    s_plain = hf_to_megatron(src, tmp_path / "plain", tp=2)
+    calls = stream_everything(monkeypatch, 1000)
     monkeypatch.setattr(streamed, "tensor_span", lambda *a: None)
-    hf_to_megatron(sources["tiny-every-kind"], tmp_path / "fallback", tp=2)
+    s = hf_to_megatron(src, tmp_path / "fallback", tp=2)
     assert calls["holes"] > 0
     plain, fallback = data_files(tmp_path / "plain"), data_files(tmp_path / "fallback")
     assert plain.keys() == fallback.keys() and all(plain[k] == fallback[k] for k in plain)
+    nan = [w for w in s.warnings if "NaN/Inf" in w]  # as the plain path, which checks each strip it reads
+    assert nan == [w for w in s_plain.warnings if "NaN/Inf" in w] == [
+        "layer 7: decoder.layers.7.mlp.linear_fc2.weight (from model.layers.7.mlp.down_proj.weight): 1 NaN/Inf values"]
+    with pytest.raises(ConversionError, match=r"linear_fc2.weight .*NaN/Inf values \(refused: --strict\)"):
+        hf_to_megatron(src, tmp_path / "strict", tp=2, strict=True)
+    assert not (tmp_path / "strict").exists()
 
 
 @pytest.mark.parametrize("tp", [1, 2])  # TP=2: down_proj's column strips, filled from one pass over its rows

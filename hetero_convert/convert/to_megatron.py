@@ -190,7 +190,8 @@ class ToMegatronJob:
         holes: list[tuple[HoleChunk, Chunk]] = []
         for item, c, p, strip in zip(chunked, chunks, pieces, strips):
             if strip:
-                holes.append((HoleChunk(dtype, tuple(c.sizes), lambda c=c: self.read_strip(m, c, dtype, what)), c))
+                holes.append((HoleChunk(dtype, tuple(c.sizes), lambda c=c: self.read_strip(m, c, dtype, what, fail)),
+                              c))
                 yield item, holes[-1][0]
                 continue  # counted once filled
             if p is None:
@@ -226,16 +227,25 @@ class ToMegatronJob:
         return (info.dtype == dtype and tuple(info.shape) == tuple(m.shape) and chunk.sizes[1] != m.shape[1]
                 and m.numel * dtype.itemsize >= STREAM_MIN_BYTES)
 
-    def read_strip(self, m: TensorMapping, chunk, dtype: torch.dtype, what: str) -> torch.Tensor:
-        """The whole strip, read the plain way (where torch's record cannot be left with a hole)."""
-        t = m.read_chunk(self.ckpt, chunk, dtype)
+    def read_strip(self, m: TensorMapping, chunk, dtype: torch.dtype, what: str, fail) -> torch.Tensor:
+        """The whole strip, read the plain way (where torch's record cannot be left with a hole); zeros, with
+        the error sent to `fail`, when the source cannot be read."""
+        try:
+            t = m.read_chunk(self.ckpt, chunk, dtype)
+        except Exception as e:  # noqa: BLE001 - reported after the files are written
+            fail(e)
+            return torch.zeros(tuple(chunk.sizes), dtype=dtype)
         check_finite(t, what, self.sink, self.strict)
         return t
 
     def fill_strips(self, m: TensorMapping, holes: list, dtype: torch.dtype, what: str, fail) -> None:
-        """Fill the strips' records from one pass over the source tensor's rows: a block of whole rows read,
-        checked for NaN/Inf, and each strip's columns of it copied together and written at their place. A read
-        that fails goes to `fail` and leaves the rest of the holes as zeros (the job fails before the commit)."""
+        """Fill the strips' records from one pass over the source tensor's rows: a block of whole rows read, and
+        each strip's columns of it copied together, checked for NaN/Inf and written at their place (a strip
+        saved whole instead, see `HoleChunk`, was checked when it was read). A read that fails goes to `fail`
+        and leaves the rest of the holes as zeros (the job fails before the commit)."""
+        holes = [(hole, c) for hole, c in holes if hole.hole is not None]
+        if not holes:
+            return
         name = m.hf[0]
         rows, row_bytes = m.shape[0], m.shape[1] * dtype.itemsize
         step = max(1, BLOCK_BYTES // row_bytes)
@@ -251,22 +261,19 @@ class ToMegatronJob:
             except Exception as e:  # noqa: BLE001 - reported through `fail`, the rest of the holes zeros
                 fail(e)
                 break
-            finite(whole.view(dtype))
             for hole, c in holes:
-                if hole.hole is None:  # written whole from its fallback
-                    continue
                 fd, path, base = hole.hole
                 col, width = c.offsets[1] * dtype.itemsize, c.sizes[1] * dtype.itemsize
                 part = scratch[:n * width]
                 part.view(n, width).copy_(whole.view(n, row_bytes)[:, col:col + width])
+                finite(part.view(dtype))
                 try:
                     pwrite_all(fd, memoryview(part.numpy()), base + r * width)
                 except OSError as e:  # disk full: the file and the tensor, on one line
                     raise ConversionError(write_failure(Path(path), m.megatron, e)) from None
         finite.report()
-        for hole, c in holes:
-            if hole.hole is not None:  # now dirty: the file's sequential write-back had passed it as a hole
-                WRITEBACK.submit(hole.hole[1], hole.hole[2], math.prod(c.sizes) * dtype.itemsize)
+        for hole, c in holes:  # now dirty: the file's sequential write-back had passed them as holes
+            WRITEBACK.submit(hole.hole[1], hole.hole[2], math.prod(c.sizes) * dtype.itemsize)
 
     def stream_pieces(self, m: TensorMapping, chunk, dtype: torch.dtype):
         """The chunk as `StreamedChunk` pieces (readers of source byte ranges, None for padding), or None when
