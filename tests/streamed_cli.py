@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 
 from hetero_convert.convert import to_hf, to_megatron
 from hetero_convert.io import dcp, hf_checkpoint
@@ -28,7 +27,8 @@ def counted(fn):
 dcp.save_streamed = counted(dcp.save_streamed)
 dcp.save_hole = counted(dcp.save_hole)
 hf_checkpoint.ShardedWriter.write_streamed = counted(hf_checkpoint.ShardedWriter.write_streamed)
-atexit.register(lambda: print(f"streamed: {count[0]} (rank {os.environ.get('RANK')})", file=sys.stderr))
+# one write of the whole line: the processes of a job share stderr, and print's two writes could interleave
+atexit.register(lambda: os.write(2, f"streamed: {count[0]} (rank {os.environ.get('RANK')})\n".encode()))
 
 if __name__ == "__main__":
     from hetero_convert.cli import app
