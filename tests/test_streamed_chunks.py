@@ -187,14 +187,20 @@ def copy_src(sources, tmp_path, name="tiny-every-kind") -> Path:
     return Path(shutil.copytree(sources[name], tmp_path / "src"))
 
 
-def test_nan_in_several_blocks_is_counted_once_and_refused_with_strict(sources, tmp_path, monkeypatch):
-    src = copy_src(sources, tmp_path)
-    key = "model.layers.7.mlp.up_proj.weight"
+def with_nan_and_inf(src: Path, key: str) -> torch.Tensor:
+    """Tensor `key` of the checkpoint `src` rewritten with a NaN first and an Inf last (for a row-parallel
+    weight at TP=2: one in each column strip); returns it."""
     shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][key]
     tensors = load_file(shard)
     tensors[key][0, 0] = float("nan")
-    tensors[key][-1, -1] = float("inf")
+    tensors[key][-1, -1] = float("-inf")
     save_file(tensors, shard, metadata={"format": "pt"})
+    return tensors[key]
+
+
+def test_nan_in_several_blocks_is_counted_once_and_refused_with_strict(sources, tmp_path, monkeypatch):
+    src = copy_src(sources, tmp_path)
+    with_nan_and_inf(src, "model.layers.7.mlp.up_proj.weight")
     calls = stream_everything(monkeypatch)
     s = hf_to_megatron(src, tmp_path / "meg")
     assert calls["n"] > 0
@@ -210,12 +216,7 @@ def test_nan_in_column_strips_is_counted_once_per_tensor(sources, tmp_path, monk
     """down_proj at TP=2 is two column strips filled from one pass over its rows: its NaN/Inf are counted
     once, for the tensor, wherever they are."""
     src = copy_src(sources, tmp_path)
-    key = "model.layers.7.mlp.down_proj.weight"
-    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][key]
-    tensors = load_file(shard)
-    tensors[key][0, 0] = float("nan")  # in the first strip
-    tensors[key][-1, -1] = float("-inf")  # in the second
-    save_file(tensors, shard, metadata={"format": "pt"})
+    poisoned = with_nan_and_inf(src, "model.layers.7.mlp.down_proj.weight")
     calls = stream_everything(monkeypatch, 1000)
     s = hf_to_megatron(src, tmp_path / "meg", tp=2)
     assert calls["holes"] > 0
@@ -225,19 +226,14 @@ def test_nan_in_column_strips_is_counted_once_per_tensor(sources, tmp_path, monk
         hf_to_megatron(src, tmp_path / "strict", tp=2, strict=True)
     assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict.partial-*"))
     back = DCPReader(tmp_path / "meg" / ITERATION_DIR).load("decoder.layers.7.mlp.linear_fc2.weight")
-    assert torch.equal(back.view(torch.int16), tensors[key].view(torch.int16))  # bit for bit, NaN included
+    assert torch.equal(back.view(torch.int16), poisoned.view(torch.int16))  # bit for bit, NaN included
 
 
 def test_column_strips_without_the_plain_record_are_written_whole(sources, tmp_path, monkeypatch):
     """Where torch's record is not one `tensor_span` recognises, a strip is saved whole instead: the same files,
     NaN/Inf counted once, refused under --strict."""
     src = copy_src(sources, tmp_path)
-    key = "model.layers.7.mlp.down_proj.weight"
-    shard = src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][key]
-    tensors = load_file(shard)
-    tensors[key][0, 0] = float("nan")
-    tensors[key][-1, -1] = float("-inf")
-    save_file(tensors, shard, metadata={"format": "pt"})
+    with_nan_and_inf(src, "model.layers.7.mlp.down_proj.weight")
     s_plain = hf_to_megatron(src, tmp_path / "plain", tp=2)
     calls = stream_everything(monkeypatch, 1000)
     monkeypatch.setattr(streamed, "tensor_span", lambda *a: None)
