@@ -155,10 +155,9 @@ class ToMegatronJob:
         """(item, data) for every item of one tensor's group. A chunk that is a plain copy of source bytes is
         a `StreamedChunk`, written a block at a time; the column strips of a row-parallel weight are
         `HoleChunk`s, filled once all of them are written (`fill_strips`); the others are read together into
-        tensors. A source that
-        cannot be read, or NaN/Inf under `strict`, is recorded and the chunk still written (zeros in place of
-        what could not be read), so the rank's files complete and the job then fails naming every problem
-        (they are checked before the commit)."""
+        tensors. A source that cannot be read, or NaN/Inf under `strict`, is recorded and the chunk still
+        written (zeros in place of what could not be read), so the rank's files complete and the job then fails
+        naming every problem (they are checked before the commit)."""
         alone = common_state_group(group)
         if alone is not None:
             yield alone

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
-from .streamed import StreamedChunk, check_size
+from .streamed import StreamedChunk, check_size, pwrite_all
 from .writeback import WRITEBACK
 
 
@@ -118,9 +118,7 @@ class StreamingSafetensorsWriter:
         return offset
 
     def _pwrite(self, buf, at: int) -> None:
-        view, done = memoryview(buf).cast("B"), 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], at + done)
+        pwrite_all(self.fd, buf, at)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -12,6 +12,10 @@ reused buffer, look at it (the NaN/Inf check), write it at its place. The record
 torch.save of the whole chunk writes. If torch cannot leave the hole, or the record is not the plain layout
 `torch_record.tensor_span` recognises, the record is cut off again and the chunk written the plain way.
 
+The TP chunks of a row-parallel weight are column strips of their source, so no block of one is a byte range
+of it: each is a `HoleChunk`, whose record is written with its hole left open, and the producer then fills all
+of a tensor's strips from one pass over the source's rows.
+
 The other direction has the same cost and takes the same cure: a HF tensor whose bytes are row ranges of DCP
 records (`dcp.StoredRows`) is a `StreamedChunk` too, written block by block into its place in a safetensors
 file (`StreamingSafetensorsWriter.write_streamed`).
@@ -177,6 +181,7 @@ def _record_with_hole(f, dtype: torch.dtype, shape: tuple[int, ...]) -> int | No
 
 
 def pwrite_all(fd: int, data, at: int) -> None:
+    """Write all of `data` (any buffer) at offset `at` of `fd` (a positional write may write less than asked)."""
     view, done = memoryview(data).cast("B"), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], at + done)
