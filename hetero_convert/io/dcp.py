@@ -467,9 +467,8 @@ class DCPReader:
     def _load_layer(self, view: str, dtype: torch.dtype | None) -> torch.Tensor:
         """Layer i of a stacked entry, from the chunks that hold layer i (megatron writes one per layer and TP
         rank, so this reads just that layer's bytes)."""
-        key, i, vmd = self._views[view]
-        md = self.metadata.state_dict_metadata[key]
-        chunks = [c for c in md.chunks if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+        key, i, md, chunks = self._layer_chunks(view)
+        vmd = self._views[view][2]
         self._check_bytes_present(key, md, chunks)
         if len(chunks) == 1 and chunks[0].sizes[0] == 1 and tuple(chunks[0].sizes[1:]) == tuple(vmd.size) \
                 and dtype in (None, md.properties.dtype):
@@ -487,10 +486,8 @@ class DCPReader:
         dimension, a compressed record, or one that is not the plain tensor torch writes (`tensor_span`). A
         stacked layer's chunk holds that layer's rows at a fixed offset."""
         if key in self._views:
-            stored, layer, vmd = self._views[key]
-            md = self.metadata.state_dict_metadata[stored]
-            chunks = [c for c in md.chunks if c.offsets[0] <= layer < c.offsets[0] + c.sizes[0]]
-            size, lead = tuple(vmd.size), 1
+            stored, layer, md, chunks = self._layer_chunks(key)
+            size, lead = tuple(self._views[key][2].size), 1
         else:
             stored, layer, md = key, 0, self.metadata.state_dict_metadata.get(key)
             if not isinstance(md, TensorStorageMetadata):
@@ -528,12 +525,16 @@ class DCPReader:
                 for f in files.values():
                     f.close()
 
+    def _layer_chunks(self, view: str):
+        """A per-layer view's stacked entry: (its key, the layer, its metadata, the chunks holding the layer)."""
+        stored, i, _ = self._views[view]
+        md = self.metadata.state_dict_metadata[stored]
+        return stored, i, md, [c for c in md.chunks if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+
     def read_ranges(self, key: str) -> list[tuple[Path, int, int]]:
         """(file, offset, length) of every record `load(key)` reads, in the order it reads them."""
         if key in self._views:
-            stored, i, _ = self._views[key]
-            chunks = [c for c in self.metadata.state_dict_metadata[stored].chunks
-                      if c.offsets[0] <= i < c.offsets[0] + c.sizes[0]]
+            stored, _, _, chunks = self._layer_chunks(key)
         else:
             stored, chunks = key, self.metadata.state_dict_metadata[key].chunks
         infos = [self.metadata.storage_data[MetadataIndex(stored, c.offsets)] for c in chunks]
