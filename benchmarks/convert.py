@@ -316,7 +316,8 @@ def main() -> None:
                          "hf-to-megatron and megatron-to-hf (of this version's checkpoint) at each --tp with the "
                          "largest --workers, right after this version's")
     ap.add_argument("--directions", default="hf-to-megatron,megatron-to-hf", help="which conversions to time")
-    ap.add_argument("--repeat", type=int, default=1, help="time each single-process conversion this many times")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each conversion (single process and torchrun) this many times, in rounds")
     ap.add_argument("--workdir", default="/tmp/hc_bench")
     ap.add_argument("--evict", choices=("source", "all"), default="source")
     ap.add_argument("--json-out", default=os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "convert.jsonl"))
@@ -422,13 +423,13 @@ def main() -> None:
                     step(f"other version: hf-to-megatron TP={tp} workers={wmax}{tag}{again}", cli + [
                          "hf-to-megatron", str(src), str(out), "--tp", str(tp), "--workers", str(wmax), "--json",
                          *nohash], src, out, other=other)
-            for n in ints(args.torchrun):
-                for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
-                    step(f"{label}hf-to-megatron TP={tp} torchrun x{n} (workers={per_process(n)}){tag}",
-                         torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron",
-                                     str(src), str(root / "out"), "--tp", str(tp), "--workers",
-                                     str(per_process(n)), *nohash],
-                         src, root / "out", other=version)
+                for n in ints(args.torchrun):  # in the same round as the single processes they are set against
+                    for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
+                        step(f"{label}hf-to-megatron TP={tp} torchrun x{n} (workers={per_process(n)}){tag}{again}",
+                             torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "hf-to-megatron",
+                                         str(src), str(root / "out"), "--tp", str(tp), "--workers",
+                                         str(per_process(n)), *nohash],
+                             src, root / "out", other=version)
         for tp in ints(args.tp):
             if "megatron-to-hf" not in directions:
                 continue
@@ -442,12 +443,12 @@ def main() -> None:
                     step(f"other version: megatron-to-hf from TP={tp} workers={wmax}{again}", cli + [
                          "megatron-to-hf", str(megs[tp]), str(root / "out"), "--workers", str(wmax), "--json"],
                          megs[tp], root / "out", other=other)
-            for n in ints(args.torchrun):
-                for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
-                    step(f"{label}megatron-to-hf from TP={tp} torchrun x{n} (workers={per_process(n)})",
-                         torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf",
-                                     str(megs[tp]), str(root / "out"), "--workers", str(per_process(n))],
-                         megs[tp], root / "out", other=version)
+                for n in ints(args.torchrun):
+                    for version, label in [(None, "")] + ([(other, "other version: ")] if other else []):
+                        step(f"{label}megatron-to-hf from TP={tp} torchrun x{n} (workers={per_process(n)}){again}",
+                             torchrun + [f"--nproc-per-node={n}", "-m", "hetero_convert.cli", "megatron-to-hf",
+                                         str(megs[tp]), str(root / "out"), "--workers", str(per_process(n))],
+                             megs[tp], root / "out", other=version)
             if not (args.reshard and tp == 1):  # a small disk holds one TP's checkpoint at a time
                 shutil.rmtree(megs[tp], ignore_errors=True)
         if args.reshard and 1 in megs:
