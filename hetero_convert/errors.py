@@ -42,3 +42,15 @@ class VerifyError(HeteroConvertError):
 
 class PruneError(HeteroConvertError):
     """prune cannot run on these inputs or options."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a failed allocation rather than a bad input or a full disk: Python's MemoryError, torch's
+    CPU allocator (a RuntimeError that names it), CUDA's OutOfMemoryError, or an OSError with ENOMEM."""
+    import errno
+
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOMEM
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, TESTS, cli_refuses
 
 from hetero_convert.convert import ConversionError, hf_to_megatron, megatron_to_hf
@@ -454,6 +455,32 @@ def limit_file_size():
     import resource
 
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # writes beyond fail as on a full disk
+
+
+def test_memory_running_out_while_writing_is_not_blamed_on_the_disk(tmp_path):
+    """torch's allocator raises a RuntimeError, which the DCP writer catches beside torch.save's own errors: the
+    line names the file and entry, says memory ran out and what to do, and does not send the user to free disk
+    space. An ENOSPC is still a full disk, and the CLI words an allocation failure the same way, not as a bug."""
+    import errno
+
+    from hetero_convert.cli.failures import describe
+    from hetero_convert.io.dcp import write_failure
+
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as e:
+        alloc = e
+    file = tmp_path / "__0_0.distcp"
+    line = write_failure(file, "decoder.layers.0.mlp.linear_fc1.weight", alloc)
+    assert line.startswith(f"{file}: writing 'decoder.layers.0.mlp.linear_fc1.weight' failed: out of memory")
+    assert "fewer --workers" in line and "disk" not in line and "bytes free" not in line
+    full = write_failure(file, "embedding.word_embeddings.weight", OSError(errno.ENOSPC, "No space left on device"))
+    assert "No space left on device" in full and "bytes free there): a full disk or quota?" in full
+    for e in (alloc, MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")):
+        message, bug = describe(e)
+        assert message.startswith(f"out of memory ({type(e).__name__}") and "fewer --workers" in message, message
+        assert not bug
+    assert describe(MemoryError())[0] == "out of memory (MemoryError): fewer --workers, or a machine with more memory"
 
 
 @pytest.mark.parametrize("direction", list(DIRECTIONS))

@@ -6,7 +6,8 @@ process exits 1:
   - what the environment or a library raises about a file: DCP's `CheckpointException` (a BaseException,
     which `except Exception` misses, carrying a multi-rank traceback as text), an `OSError` (disk full, a
     missing or unreadable file, a file-size limit), torch's C++ `RuntimeError` from its zip container
-    (`inline_container.cc`), `MemoryError`: a line naming what is known, without the traceback;
+    (`inline_container.cc`), a failed allocation (`MemoryError`, torch's allocator): a line naming what is
+    known, without the traceback;
   - anything else is a bug: one line saying so, with the exception's type and first line, and that
     `hetero-convert --debug COMMAND ...` shows the traceback.
 With `--debug` (or HETERO_CONVERT_DEBUG=1) nothing is caught: the traceback is printed as Python prints it.
@@ -24,7 +25,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..errors import HeteroConvertError, JobFailed
+from ..errors import HeteroConvertError, JobFailed, out_of_memory
 from ..launch import world
 
 DEBUG_ENV = "HETERO_CONVERT_DEBUG"
@@ -71,10 +72,12 @@ def describe(e: BaseException) -> tuple[str, bool]:
         first = next(iter(failures.values()), (e, None))[0]
         return one_line(f"torch.distributed.checkpoint could not load the checkpoint ({type(first).__name__}: "
                         f"{_first_line(first)})"), False
+    if out_of_memory(e):  # before OSError: ENOMEM is one
+        detail = f": {_first_line(e)}" if _first_line(e) else ""
+        return one_line(f"out of memory ({type(e).__name__}{detail}): fewer --workers, or a machine with more "
+                        f"memory"), False
     if isinstance(e, OSError):
         return one_line(_os_error(e)), False
-    if isinstance(e, MemoryError):
-        return "out of memory (MemoryError): fewer --workers, or a machine with more memory", False
     if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStream" in str(e)):
         return one_line(f"torch could not read or write a checkpoint file ({_first_line(e)}): a truncated "
                         f"or corrupt input, or a full disk"), False

@@ -35,7 +35,7 @@ from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMeta
                         TensorProperties, TensorStorageMetadata, TensorWriteData, WriteItem, WriteItemType,
                         WriteResult, write_metadata)
 
-from ..errors import ConversionError
+from ..errors import ConversionError, out_of_memory
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
 from .streamed import BLOCK_BYTES, HoleChunk, StreamedChunk, save_hole, save_streamed
@@ -226,10 +226,14 @@ def write_groups(
 
 
 def write_failure(file: Path, key: str, e: BaseException) -> str:
-    """One line for a failed write: the file, the entry, the error, and the space left where it was going."""
+    """One line for a failed write: the file, the entry, the error, and the space left where it was going (or,
+    for an allocation that failed while writing, that memory ran out: no hint at the disk)."""
     import shutil
 
     text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+    if out_of_memory(e):
+        return (f"{file}: writing {quoted(key)} failed: out of memory ({type(e).__name__}: {text[:200]}): fewer "
+                f"--workers, or a machine with more memory")
     try:
         free = f"{shutil.disk_usage(file.parent).free:,} bytes free there"
     except OSError:
