@@ -44,6 +44,9 @@ class PruneError(HeteroConvertError):
     """prune cannot run on these inputs or options."""
 
 
+OUT_OF_MEMORY_ADVICE = "fewer --workers, or a machine with more memory"
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether `e` is a failed allocation rather than a bad input or a full disk: Python's MemoryError, torch's
     CPU allocator (a RuntimeError that names it), CUDA's OutOfMemoryError, or an OSError with ENOMEM."""

@@ -25,7 +25,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..errors import HeteroConvertError, JobFailed, out_of_memory
+from ..errors import OUT_OF_MEMORY_ADVICE, HeteroConvertError, JobFailed, out_of_memory
 from ..launch import world
 
 DEBUG_ENV = "HETERO_CONVERT_DEBUG"
@@ -74,8 +74,7 @@ def describe(e: BaseException) -> tuple[str, bool]:
                         f"{_first_line(first)})"), False
     if out_of_memory(e):  # before OSError: ENOMEM is one
         detail = f": {_first_line(e)}" if _first_line(e) else ""
-        return one_line(f"out of memory ({type(e).__name__}{detail}): fewer --workers, or a machine with more "
-                        f"memory"), False
+        return one_line(f"out of memory ({type(e).__name__}{detail}): {OUT_OF_MEMORY_ADVICE}"), False
     if isinstance(e, OSError):
         return one_line(_os_error(e)), False
     if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStream" in str(e)):

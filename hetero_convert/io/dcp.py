@@ -35,7 +35,7 @@ from .dcp_types import (BytesIOWriteData, BytesStorageMetadata, ChunkStorageMeta
                         TensorProperties, TensorStorageMetadata, TensorWriteData, WriteItem, WriteItemType,
                         WriteResult, write_metadata)
 
-from ..errors import ConversionError, out_of_memory
+from ..errors import OUT_OF_MEMORY_ADVICE, ConversionError, out_of_memory
 from ..packing import balance
 from .hf_index import CheckpointError, quoted
 from .streamed import BLOCK_BYTES, HoleChunk, StreamedChunk, save_hole, save_streamed
@@ -232,8 +232,8 @@ def write_failure(file: Path, key: str, e: BaseException) -> str:
 
     text = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
     if out_of_memory(e):
-        return (f"{file}: writing {quoted(key)} failed: out of memory ({type(e).__name__}: {text[:200]}): fewer "
-                f"--workers, or a machine with more memory")
+        return (f"{file}: writing {quoted(key)} failed: out of memory ({type(e).__name__}: {text[:200]}): "
+                f"{OUT_OF_MEMORY_ADVICE}")
     try:
         free = f"{shutil.disk_usage(file.parent).free:,} bytes free there"
     except OSError:
