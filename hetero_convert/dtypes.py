@@ -21,6 +21,8 @@ SAFETENSORS = {
     "F8_E4M3": torch.float8_e4m3fn,  # ModelOpt FP8 weights and NVFP4 block scales (io/quantized.py)
 }
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS.items()}
+# What a Megatron checkpoint may store a model weight as (a training run's master copy may be fp64).
+WEIGHTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SHORT_NAMES = {v: k for k, v in SHORT.items()}
 
 

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import cli_refuses, restate_description
 
 from hetero_convert.convert import ConversionError, hf_to_megatron
@@ -106,6 +107,18 @@ def garble_chunk(m: Path):
     f.write_bytes(bytes(data))
 
 
+def stored_dtype(dtype):
+    """The DCP metadata states `dtype` for one weight (torch can pickle any of its dtypes there)."""
+    def damage(m: Path):
+        import pickle
+
+        path = m / "release" / ".metadata"
+        md = pickle.loads(path.read_bytes())  # torch's own classes (the file is this test's: a plain unpickle)
+        md.state_dict_metadata["decoder.layers.0.mlp.linear_fc1.weight"].properties.dtype = dtype
+        path.write_bytes(pickle.dumps(md))
+    return damage
+
+
 def pickle_payload(m: Path):
     import torch
 
@@ -120,6 +133,14 @@ def pickle_payload(m: Path):
 MEGATRON_CASES = {
     "tracker abc": (tracker("abc"), ["latest_checkpointed_iteration.txt: holds 'abc', neither 'release' nor an "
                                      "iteration number"]),
+    "tracker of bytes that are no text": (lambda m: (m / "latest_checkpointed_iteration.txt").write_bytes(
+        b"\xff\xfe\x00"), ["latest_checkpointed_iteration.txt: holds '\ufffd\ufffd\\x00', neither 'release' nor an "
+                             "iteration number"]),
+    "a weight stored as qint8": (stored_dtype(torch.qint8), [
+        "problem(s) with the Megatron checkpoint", "layer 0: 'decoder.layers.0.mlp.linear_fc1.weight' is stored as "
+        "torch.qint8, no dtype a weight is kept in (float32, bfloat16, float16, float64)"]),
+    "a weight stored as fp8": (stored_dtype(torch.float8_e4m3fn), [
+        "'decoder.layers.0.mlp.linear_fc1.weight' is stored as torch.float8_e4m3fn, no dtype a weight is kept in"]),
     "tracker to a missing iteration": (tracker("5"), ["latest_checkpointed_iteration.txt points to iter_0000005, "
                                                       "which does not exist"]),
     "description not JSON": (lambda m: (m / DESC).write_text("{plan"), ["hetero_convert.json: not valid JSON"]),

@@ -52,7 +52,8 @@ def iteration_dir(path: str | Path) -> Path:
     p = Path(path)
     tracker = p / TRACKER_FILE
     if tracker.is_file():
-        it = tracker.read_text().strip()
+        with open(tracker, "rb") as f:  # a tracker holds a word or a number: what is past 64 bytes is no tracker
+            it = f.read(64).decode("ascii", errors="replace").strip()
         if it == "release":
             candidate = p / it
         else:
