@@ -309,9 +309,9 @@ def test_existing_output_needs_overwrite(sources, tmp_path):
         hf_to_megatron(sources["tiny-tied"], tmp_path / "meg", overwrite=True)
     assert (tmp_path / "meg" / "keep.txt").read_text() == "x"
     hf_to_megatron(sources["tiny-tied"], tmp_path / "meg2")
-    (tmp_path / "meg2" / "release" / "stale.distcp").write_text("from the previous run")
+    (tmp_path / "meg2" / "release" / "__7_0.distcp").write_text("from a previous run at a larger world size")
     hf_to_megatron(sources["tiny-tied"], tmp_path / "meg2", overwrite=True)
-    assert not (tmp_path / "meg2" / "release" / "stale.distcp").exists()
+    assert not (tmp_path / "meg2" / "release" / "__7_0.distcp").exists()
     assert (tmp_path / "meg2" / "release" / ".metadata").is_file()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TESTS, cli_refuses
+from safetensors.torch import load_file, save_file
 
 from hetero_convert.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from hetero_convert.io import staging
@@ -83,6 +84,19 @@ def test_overwrite_never_deletes_the_source_its_parent_or_a_foreign_directory(re
     (work / "meg-plus" / "notes.txt").write_text("run 7: lr 3e-4")
     hf_plus = Path(shutil.copytree(refs["hf"], work / "hf-plus"))
     (hf_plus / "README.md").write_text("# model card")
+    # Look like outputs by their names alone: a training run's root, a release folder with a user's file in it,
+    # one that megatron-core saved (no description of ours), and a HF checkpoint another tool wrote.
+    run = work / "run"
+    for it in ("iter_0000050", "iter_0000100"):
+        shutil.copytree(meg / "release", run / it)
+    (run / "latest_checkpointed_iteration.txt").write_text("100")
+    meg_note = Path(shutil.copytree(meg, work / "meg-note"))
+    (meg_note / "release" / "precious.txt").write_text("keep")
+    meg_core = Path(shutil.copytree(meg, work / "meg-core"))
+    (meg_core / "release" / "hetero_convert.json").unlink()
+    hub = Path(shutil.copytree(refs["hf"], work / "hub"))
+    for f in hub.glob("*.safetensors"):
+        save_file(load_file(f), f, metadata={"format": "pt"})  # the same weights, as transformers saves them
     (work / "a-file").write_text("x")
     shutil.copytree(meg, src / "meg")  # an earlier output made inside the source folder (allowed: it was new)
     before = {"tmp": tree(tmp_path)}
@@ -94,7 +108,15 @@ def test_overwrite_never_deletes_the_source_its_parent_or_a_foreign_directory(re
                                                      ", so it is not a Megatron checkpoint root"),
         (["hf-to-megatron", src, foreign["repo"]], "it has no latest_checkpointed_iteration.txt"),
         (["hf-to-megatron", src, foreign["git"]], "it has no latest_checkpointed_iteration.txt"),
-        (["hf-to-megatron", src, work / "meg-plus"], "it holds 'notes.txt', which is no part of a Megatron checkpoint"),
+        (["hf-to-megatron", src, work / "meg-plus"], "it holds 'notes.txt', which hetero-convert does not write in a "
+                                                     "Megatron checkpoint root"),
+        (["hf-to-megatron", src, run], "it holds 'iter_0000050' (a training run's iteration folder)"),
+        (["megatron-to-megatron", meg, meg_note], "its release folder: it holds 'precious.txt', which hetero-convert "
+                                                  "does not write in a Megatron iteration folder"),
+        (["hf-to-megatron", src, meg_core], "its release folder has no hetero_convert.json, so hetero-convert did "
+                                            "not write it"),
+        (["megatron-to-hf", meg, hub], "its 'model.safetensors' was not written by hetero-convert (no hetero-convert "
+                                       "mark in its header"),
         (["hf-to-megatron", src, work / "a-file"], "exists and is not a directory"),
         (["megatron-to-hf", meg, meg], f"{meg}: refused as the output: it is the source {meg}"),
         (["megatron-to-hf", meg / "release", meg], "it contains the source"),
@@ -127,7 +149,7 @@ def test_overwrite_replaces_a_previous_output_of_the_same_kind(refs, tmp_path):
     hf_to_megatron(refs["src"], tmp_path / "meg", tp=2)
     megatron_to_hf(tmp_path / "meg", tmp_path / "hf")
     (tmp_path / "meg" / "release" / "__9_0.distcp").write_bytes(b"left from an older run")
-    (tmp_path / "hf" / "model-00007-of-00009.safetensors").write_bytes(b"left from an older run")
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "model-00007-of-00009.safetensors")
     hf_to_megatron(refs["src"], tmp_path / "meg", tp=2, overwrite=True)
     megatron_to_hf(tmp_path / "meg", tmp_path / "hf", overwrite=True)
     assert_same_output(tmp_path / "meg", refs["meg"])
@@ -259,7 +281,8 @@ def test_the_directory_renamed_aside_is_checked_again_before_it_is_deleted(refs,
 
     monkeypatch.setattr(staging, "rename_noreplace", rename)
     with pytest.raises(ConversionError, match=f"{out}: changed while this job ran \\(it holds 'draft.docx', which "
-                                              f"is no part of a Megatron checkpoint\\); it is left as it is"):
+                                              f"hetero-convert does not write in a Megatron checkpoint root\\); it "
+                                              f"is left as it is"):
         hf_to_megatron(refs["src"], out, tp=2, overwrite=True)
     assert (out / "draft.docx").read_text() == "mine" and (out / "release" / ".metadata").is_file()
     assert hidden(tmp_path, "meg") == []

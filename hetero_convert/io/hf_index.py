@@ -11,6 +11,7 @@ index cannot point the reader at `../../somewhere` or `/dev/zero`.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -18,6 +19,9 @@ from ..errors import CheckpointError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_JSON_BYTES = 100_000_000  # the safetensors library's bound on a header; an index is far smaller
+# The `__metadata__` of every safetensors file this tool writes: "format" as transformers expects it, and the
+# mark by which `--overwrite` knows a HF checkpoint directory as one of its own outputs (io/outputs.py).
+WRITER_METADATA = {"format": "pt", "written_by": "hetero-convert"}
 
 
 def quoted(text: object, limit: int = 160) -> str:
@@ -87,6 +91,28 @@ def _check_strings(value, where: str, what: str) -> None:
             todo += list(v.keys()) + list(v.values())
         elif isinstance(v, list):
             todo += v
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (checked to be an object without duplicate keys) and the byte
+    offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated (only {size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}: truncated or corrupt")
+        if n > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: header length {n} exceeds the safetensors limit of "
+                                  f"{MAX_JSON_BYTES} bytes")
+        text = f.read(n)
+    header = strict_json(text, path.name, "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                              f"object)")
+    return header, 8 + n
 
 
 def read_index(index: Path) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS
-from .hf_index import INDEX_FILE, CheckpointError, quoted, shard_files, strict_json
+from .hf_index import INDEX_FILE, CheckpointError, quoted, read_header, shard_files
 
 SAFETENSORS_DTYPES = SAFETENSORS
 
@@ -34,30 +33,7 @@ class TensorInfo:
     offset: int  # absolute byte offset of the tensor's data in the file
 
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (checked to be an object without duplicate keys) and the byte
-    offset where its data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated (only {size} bytes, no safetensors header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}: truncated or corrupt")
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header length {n} exceeds the safetensors limit of "
-                                  f"{MAX_HEADER_BYTES} bytes")
-        text = f.read(n)
-    header = strict_json(text, path.name, "safetensors header")
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
-                              f"object)")
-    return header, 8 + n
 
 
 def _nonneg_ints(value, count: int | None = None) -> bool:

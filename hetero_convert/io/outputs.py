@@ -1,7 +1,8 @@
 """What an existing output directory may be for a command to write over it (used by `staging.Staging`).
 
 A command says what it writes (`OutputKind`: a Megatron checkpoint root, a HF checkpoint directory, a prune
-output) and from what (its sources). An existing OUT is replaced only if it is an output of that kind holding
+output) and from what (its sources). An existing OUT is replaced only if it is an output of that kind that this
+tool wrote (our description in a Megatron iteration folder, our mark in every safetensors header) holding
 nothing this tool would not write there, and is no source, holds none and lies in none. Everything else (a
 thesis, a `.git`, a home directory, the source's parent) is refused with the reason. Nothing here changes
 anything on disk.
@@ -30,21 +31,36 @@ def _shown(name: str) -> str:
 
 
 def _megatron_root_problem(path: Path) -> str | None:
-    """None when `path` is a Megatron checkpoint root holding only what one holds (the tracker file and
-    iteration folders), else why not."""
-    from .megatron_checkpoint import TRACKER_FILE
+    """None when `path` is a Megatron checkpoint root as this tool writes one (the tracker file and a `release`
+    folder holding our description and only what our writers put there), else why not. A training run's root
+    (iteration folders, no description) is no output of ours, however like one it looks."""
+    from .megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, ITERATION_DIR, TRACKER_FILE
 
     if not (path / TRACKER_FILE).is_file():
         return f"it has no {TRACKER_FILE}, so it is not a Megatron checkpoint root"
     for e in entries(path):
-        if e.name == TRACKER_FILE and e.is_file(follow_symlinks=False):
+        if (e.name == TRACKER_FILE and e.is_file(follow_symlinks=False)) or \
+                (e.name == ITERATION_DIR and e.is_dir(follow_symlinks=False)):
             continue
-        if e.is_dir(follow_symlinks=False) and (e.name == "release" or re.fullmatch(r"iter_\d{7,}", e.name)):
-            if not any(os.path.isfile(os.path.join(e.path, f)) for f in (".metadata", "metadata.json", "common.pt")):
-                return f"its folder {_shown(e.name)} is not a checkpoint iteration folder"
-            continue
-        return f"it holds {_shown(e.name)}, which is no part of a Megatron checkpoint"
-    return None
+        run = " (a training run's iteration folder)" if re.fullmatch(r"iter_\d{7,}", e.name) else ""
+        return f"it holds {_shown(e.name)}{run}, which hetero-convert does not write in a Megatron checkpoint root"
+    it = path / ITERATION_DIR
+    if not (it / DESCRIPTION_FILE).is_file():
+        return f"its {ITERATION_DIR} folder has no {DESCRIPTION_FILE}, so hetero-convert did not write it"
+    inner = _files_problem(it, MEGATRON_FILES + (DESCRIPTION_FILE,), "Megatron iteration folder",
+                           {HF_FILES_DIR: _carried_names()})
+    return inner and f"its {ITERATION_DIR} folder: {inner}"
+
+
+# What our writers put in a Megatron iteration folder besides the description (patterns).
+MEGATRON_FILES = (".metadata", "__*_*.distcp", "common.pt", "metadata.json")
+
+
+def _carried_names() -> tuple[str, ...]:
+    """What the iteration folder's `hf` folder holds: the source's tokenizer files and generation config."""
+    from .hf_checkpoint import GENERATION_CONFIG, TOKENIZER_FILES
+
+    return (*TOKENIZER_FILES, GENERATION_CONFIG)
 
 
 def _hf_names() -> tuple[str, ...]:
@@ -80,11 +96,27 @@ def _files_problem(path: Path, allowed: Iterable[str], what: str, folders: dict 
 
 
 def _hf_problem(path: Path, extra: tuple[str, ...] = (), folders: dict | None = None) -> str | None:
-    from .hf_index import INDEX_FILE
+    """None when `path` is a HF checkpoint directory holding only what our writers put there, its weights
+    written by them (every safetensors file carries `WRITER_METADATA`), else why not. The names alone would
+    let a checkpoint downloaded from the Hub pass for one of ours."""
+    from .hf_index import INDEX_FILE, WRITER_METADATA, read_header
 
     if not (path / "config.json").is_file() or not ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors"))):
         return "it has no config.json and safetensors weights, so it is not a HF checkpoint directory"
-    return _files_problem(path, _hf_names() + extra, "HF checkpoint directory", folders)
+    why = _files_problem(path, _hf_names() + extra, "HF checkpoint directory", folders)
+    if why:
+        return why
+    for e in entries(path):
+        if not e.name.endswith(".safetensors"):
+            continue
+        try:
+            meta = read_header(Path(e.path))[0].get("__metadata__")
+        except (OSError, ValueError):  # CheckpointError is one
+            meta = None
+        if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in WRITER_METADATA.items()):
+            return (f"its {_shown(e.name)} was not written by hetero-convert (no {WRITER_METADATA['written_by']} "
+                    f"mark in its header: another tool's, or an output of a version before 2026-12-01)")
+    return None
 
 
 def _prune_problem(path: Path) -> str | None:
@@ -169,8 +201,8 @@ def check_output(out: str | Path, kind: OutputKind = ANY, overwrite: bool = Fals
     if why is None and (overwrite or kind.rerun_in_place):
         return
     if overwrite:
-        raise ConversionError(f"{out}: --overwrite refused: {why}; only a {kind} is replaced, so it is left "
-                              f"as it is")
+        raise ConversionError(f"{out}: --overwrite refused: {why}; only a {kind} that hetero-convert wrote is "
+                              f"replaced, so it is left as it is")
     if why is None:
         raise ConversionError(f"{out}: exists and is not empty (it holds a previous {kind}: --overwrite replaces it)")
     raise ConversionError(f"{out}: exists and is not empty, and --overwrite would not replace it either: {why}")

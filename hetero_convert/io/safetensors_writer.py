@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import SAFETENSORS_NAMES as DTYPE_NAMES
+from .hf_index import WRITER_METADATA
 from .streamed import StreamedChunk, check_size, pwrite_all
 from .writeback import WRITEBACK
 
@@ -43,7 +44,7 @@ class StreamingSafetensorsWriter:
         the processes of one job may share a file, each writing its own tensors."""
         self.path = Path(path)
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        header: dict = {"__metadata__": metadata or WRITER_METADATA}
         offset = 0
         for name, dtype, shape in layout:
             n = dtype.itemsize
