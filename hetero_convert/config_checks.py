@@ -4,7 +4,7 @@ A config comes with the checkpoint and is as untrusted as its tensors. The plan 
 numbers: without this check `"num_hidden_layers": 1e9` builds a billion layers (and `inspect` runs until it
 is killed), `-8` KV heads prints a negative KV cache, `"hidden_size": "4096"` or `NaN` end in a traceback.
 Here every field the plan reads must have its type (a bool is not an int; a float must be finite), be
-positive where a count is meant, and stay within bounds far above any real model (10^6 layers, a hidden
+positive where a count is meant, and stay within bounds far above any real model (2048 layers, a hidden
 size of 10^6, 10^5 heads, a vocabulary of 10^8). Lists must have the length the config claims *before*
 anything loops over that length, so the work done is proportional to the config's size, not its claims.
 
@@ -19,13 +19,15 @@ from pathlib import Path
 
 from .errors import PlanError
 
-MAX_LAYERS = 10**6
+# 12x Ultra-253B's 162. The layout search (`layout.pipeline_split`) tries every first/last stage pair, so its
+# work grows with the square of the layers: 2048 keep `inspect` near a second, 10^4 took 75 s.
+MAX_LAYERS = 2048
 MAX_HIDDEN = 10**6
 MAX_HEADS = 10**5
 MAX_VOCAB = 10**8
 MAX_WIDTH = 10**8
 MAX_POSITIONS = 10**9
-MAX_CONFIG_BYTES = 64 * 2**20  # a 10^6-layer block_configs list is ~ 300 MB; real ones are < 200 KB
+MAX_CONFIG_BYTES = 64 * 2**20  # real block_configs lists are < 200 KB
 
 # name: upper bound, for the positive integers of the top level
 TOP_COUNTS = {

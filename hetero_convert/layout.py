@@ -163,10 +163,18 @@ def pipeline_split(plan: ModelPlan, pp: int, first: int | None = None, last: int
         return PipelineSplit([n], params_per_stage=cost([n]))
     if n < pp:
         raise ValueError(f"{n} layers cannot fill {pp} pipeline stages")
-    candidates = []
+    even = [n // pp] * pp if n % pp == 0 else None
+    best, best_key = None, None
     for f in ([first] if first is not None else range(1, n - pp + 2)):
-        for l in ([last] if last is not None else range(1, n - f - (pp - 2) + 1)):
-            middle = n - f - l
+        rest, step = n - f, max(1, pp - 2)
+        if last is not None:
+            lasts = [last]
+        elif pp == 2:
+            lasts = [rest] if rest >= 1 else []
+        else:  # only the lasts that leave the middle stages a whole number of layers each, in increasing order
+            lasts = range(rest % step or step, rest - step + 1, step)
+        for l in lasts:
+            middle = rest - l
             if pp == 2:
                 if middle != 0:
                     continue
@@ -175,11 +183,11 @@ def pipeline_split(plan: ModelPlan, pp: int, first: int | None = None, last: int
                 if middle < pp - 2 or middle % (pp - 2):
                     continue
                 counts = [f] + [middle // (pp - 2)] * (pp - 2) + [l]
-            candidates.append((max(cost(counts)), counts))
-    if not candidates:
+            key = (max(cost(counts)), counts != even)
+            if best_key is None or key < best_key:  # the first of equals, as min() over the list kept
+                best, best_key = counts, key
+    if best is None:
         raise ValueError(f"no pipeline split of {n} layers into {pp} stages with first={first} last={last}")
-    even = [n // pp] * pp if n % pp == 0 else None
-    best = min(candidates, key=lambda c: (c[0], c[1] != even))[1]
     if best == even:  # megatron's default split already is the best one; say nothing special
         return PipelineSplit(best, params_per_stage=cost(best))
     return PipelineSplit(best, best[0], best[-1], cost(best))

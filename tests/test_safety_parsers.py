@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from hetero_convert.config_checks import MAX_LAYERS
 from hetero_convert.io.dcp import DCPReader, dcp_failures_named
 from hetero_convert.megatron.compat import read_common_state
 from hetero_convert.io.hf_index import INDEX_FILE, CheckpointError
@@ -361,7 +362,7 @@ BLOCK_FIELDS = [("attention", "n_heads_in_group"), ("attention", "no_op"), ("att
                 ("attention", "num_key_value_heads"), ("ffn", "ffn_mult"), ("ffn", "no_op"),
                 ("ffn", "intermediate_size"), ("ffn", "replace_with_linear")]
 ROPE_FIELDS = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "rope_type"]
-EXTREME = st.sampled_from([0, -1, -8, 1, 2, 3, 7, 10**6 + 1, 10**9, 2**63, 10**5000, -(10**400), [10**5000],
+EXTREME = st.sampled_from([0, -1, -8, 1, 2, 3, 7, MAX_LAYERS + 1, 10**6 + 1, 10**9, 2**63, 10**5000, -(10**400), [10**5000],
                            0.5, 2.0, -0.0, 1e-9, 1e308,
                            math.nan, math.inf, -math.inf, "", "8", "silu", True, False, None, [], [1], {}, {"a": 1}])
 
@@ -407,7 +408,7 @@ def test_property_configs(base, where, top, block, rope, value, layer, delta):
     event(f"{where}: planned")
     assert time.monotonic() - start < 2.0
     # Accepted: every count the plan holds is a positive int and every number finite.
-    assert plan.num_layers == cfg["num_hidden_layers"] and plan.num_layers <= 10**6
+    assert plan.num_layers == cfg["num_hidden_layers"] and plan.num_layers <= MAX_LAYERS
     if blocks is not None:
         assert plan.num_layers == len(blocks)
     for n in (plan.hidden_size, plan.num_attention_heads, plan.vocab_size, plan.max_position_embeddings):
@@ -946,3 +947,21 @@ def test_a_metadata_frame_longer_than_its_bytes_is_refused_as_plain_pickle_refus
     with pytest.raises(CheckpointError, match=r"\.metadata: refused: the pickle declares a frame of \d+ bytes "
                                               r"where \d+ remain \(truncated\)"):
         DCPReader(tmp_path)
+
+
+def test_layer_count_is_bounded_where_the_layout_search_stays_cheap():
+    """The TP/PP layout search (`pipeline_split`, under `inspect` and `spec`) tries every first/last stage pair:
+    a 700-byte config claiming 10^4 layers took 75 s and 6 GB there. The bound refuses such a claim in one line,
+    and a config at the bound still gets its layout table."""
+    from hetero_convert.layout import pipeline_options
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 256, "vocab_size": 1000,
+           "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096}
+    with pytest.raises(PlanError) as e:
+        load_plan({**cfg, "num_hidden_layers": MAX_LAYERS + 1})
+    assert "num_hidden_layers" in str(e.value) and "\n" not in str(e.value)
+    plan = load_plan({**cfg, "num_hidden_layers": MAX_LAYERS})
+    options = pipeline_options(plan)
+    assert [o["pp"] for o in options] == [2, 4, 8]
+    assert all(sum(o["layers_per_stage"]) == MAX_LAYERS for o in options)
