@@ -39,6 +39,18 @@ def rewrite_header(shard: Path, edit) -> None:
     shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
+def edit_tensors(key: str, edit) -> callable:
+    """Rewrite the shard holding `key` with `edit(tensors)` applied (a valid file, as another tool saves it)."""
+    def damage(src: Path):
+        from safetensors.torch import load_file, save_file
+
+        shard = shard_of(src, key)
+        tensors = load_file(shard)
+        edit(tensors)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return damage
+
+
 def edit_json(path: Path, edit) -> None:
     value = json.loads(path.read_text())
     result = edit(value)
@@ -55,6 +67,8 @@ def set_in(d: dict, dotted: str, value):
 
 DESC = "release/hetero_convert.json"
 EMBED = "model.embed_tokens.weight"
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"
+EVIL = "model.layers.0.evil\n\x1b[2Jname.weight"  # a newline and a terminal escape, from a stranger's file
 
 # name: (which checkpoint, damage, what the one line must say)
 HF_CASES = {
@@ -62,7 +76,15 @@ HF_CASES = {
     "config not JSON": (lambda s: (s / "config.json").write_text("{'a': 1"), ["config.json: not valid JSON"]),
     "config missing": (lambda s: (s / "config.json").unlink(), ["no config.json at"]),
     "config 10^9 layers": (lambda s: edit_json(s / "config.json", lambda c: c.update(num_hidden_layers=10**9)),
-                           ["config.json: num_hidden_layers must be a positive integer up to 1000000, got 1000000000"]),
+                           ["config.json: num_hidden_layers must be a positive integer up to 2048, got 1000000000"]),
+    "a fused weight of two dtypes": (edit_tensors(K_PROJ, lambda t: t.update({K_PROJ: t[K_PROJ].float()})), [
+        "problem(s) with the HF checkpoint", "layer 0: 'decoder.layers.0.self_attention.linear_qkv.weight' fuses "
+        "tensors of different dtypes (", f"'{K_PROJ}' float32", "one Megatron tensor has one dtype, so choose it "
+        "with --dtype"]),
+    "a tensor name with control characters": (lambda s: (
+        edit_tensors(K_PROJ, lambda t: t.update({EVIL: torch.zeros(4)}))(s),
+        edit_json(s / "model.safetensors.index.json", lambda i: i["weight_map"].update({EVIL: shard_of(s, K_PROJ).name}))),
+        ["unexpected tensor 'model.layers.0.evil\\n\\x1b[2Jname.weight' [4]"]),
     "config NaN eps": (lambda s: (s / "config.json").write_text(
         (s / "config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN')),
         ["config.json: rms_norm_eps"]),

@@ -23,7 +23,7 @@ from .. import dtypes
 from ..errors import ConversionError
 from ..io.dcp import ByteBudget, DCPReader, StoredRows
 from ..io.description import padding_checked, padding_problem, tensor_problems
-from ..io.hf_index import CheckpointError
+from ..io.hf_index import CheckpointError, quoted
 from ..io.hf_checkpoint import GENERATION_CONFIG, ShardedWriter, copy_tokenizer, export_schema, has_tokenizer, \
     plan_shards, write_config, write_generation_config
 from ..io.megatron_checkpoint import DESCRIPTION_FILE, HF_FILES_DIR, NON_MODEL_PREFIXES, iteration_dir, \
@@ -62,7 +62,7 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], descriptio
         problems += [f"{where}: {p}" for p in tensor_problems(description, plan, maps, stored)]
     known = {m.megatron for m in maps}
     leftover = sorted(k for k in stored if k not in known and not k.startswith(NON_MODEL_PREFIXES))
-    problems += [f"unexpected tensor '{k}' {list(stored[k].size)}: the description has no place for it"
+    problems += [f"unexpected tensor {quoted(k)} {list(stored[k].size)}: the description has no place for it"
                  for k in leftover]
     if problems:
         raise ConversionError(f"{len(problems)} problem(s) with the Megatron checkpoint {reader.path}, nothing "

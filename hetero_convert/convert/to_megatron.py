@@ -21,6 +21,7 @@ from ..errors import ConversionError
 from ..io.dcp import bytes_item, extra_state_payload, tensor_item, write_failure
 from ..io.streamed import BLOCK_BYTES, STREAM_MIN_BYTES, HoleChunk, StreamedChunk, can_stream, pwrite_all
 from ..io.writeback import WRITEBACK
+from ..io.hf_index import quoted
 from ..io.hf_reader import HFCheckpoint
 from ..io.quantized import open_checkpoint
 from ..io.hf_checkpoint import GENERATION_CONFIG, carry_files, has_tokenizer
@@ -33,8 +34,10 @@ from ..plan import load_config, load_plan
 from .common import ErrorSink, FiniteCount, Summary, check_finite
 
 
-def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
-    """Every expected tensor present with the planned shape, nothing left over. Runs before any write."""
+def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping], keep: bool = True) -> None:
+    """Every expected tensor present with the planned shape, nothing left over; with `keep` (no --dtype), the
+    HF tensors that one Megatron tensor fuses (q/k/v, gate/up) in one dtype, or that tensor would round some of
+    them to the first one's. Runs before any write."""
     problems, expected = [], {}
     for m in maps:
         for key, shape in zip(m.hf, m.hf_shapes):
@@ -47,9 +50,15 @@ def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping]) -> None:
             problems.append(f"{m.where}: tensor '{key}' has shape {list(info.shape)}, the config implies {list(shape)}")
         elif not info.dtype.is_floating_point:
             problems.append(f"{m.where}: tensor '{key}' has non-float dtype {info.dtype}")
+    for m in maps if keep else ():
+        held = {k: ckpt.tensors[k].dtype for k in m.hf if k in ckpt.tensors}
+        if len(set(held.values())) > 1:
+            problems.append(f"{m.where}: '{m.megatron}' fuses tensors of different dtypes ("
+                            + ", ".join(f"{quoted(k)} {str(d).replace('torch.', '')}" for k, d in held.items())
+                            + "): one Megatron tensor has one dtype, so choose it with --dtype")
     leftover = sorted(k for k in ckpt.tensors if k not in expected and not ignored_hf_key(k))
     for key in leftover:
-        problems.append(f"unexpected tensor '{key}' {list(ckpt.tensors[key].shape)}: the config has no place "
+        problems.append(f"unexpected tensor {quoted(key)} {list(ckpt.tensors[key].shape)}: the config has no place "
                         f"for it (does config.json match the weights?)")
     if problems:
         raise ConversionError(f"{len(problems)} problem(s) with the HF checkpoint {ckpt.dir}, nothing written:\n  - "
@@ -133,7 +142,7 @@ class ToMegatronJob:
         require_layout(self.plan, tp, pp)
         self.ckpt = open_checkpoint(hf_dir, self.config)  # a ModelOpt FP8/NVFP4 checkpoint reads dequantized
         self.maps = bind(self.plan, tp, pp)
-        check_hf_sources(self.ckpt, self.maps)
+        check_hf_sources(self.ckpt, self.maps, keep=self.want is None)
         self.src_dtype = {m.megatron: self.ckpt.tensors[m.hf[0]].dtype for m in self.maps}
         self.items, self.lookup = megatron_write_items(self.maps, tp, pp, self.dtype_of)
         self.common_forms = add_common_state_item(self.items, megatron_core)
