@@ -872,8 +872,8 @@ def test_finding5_config_bombs_and_nonsense_are_refused_fast(tmp_path):
     assert len(json.dumps(llama)) < 200
     start = time.monotonic()
     cases = [
-        ({}, "num_hidden_layers must be a positive integer up to 1000000, got 1000000000"),
-        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer up to 1000000, got 0"),
+        ({}, "num_hidden_layers must be a positive integer up to 2048, got 1000000000"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer up to 2048, got 0"),
         ({"num_hidden_layers": 32, "num_key_value_heads": -8},
          "num_key_value_heads must be a positive integer up to 100000, got -8"),
         ({"num_hidden_layers": 32, "hidden_size": 4096.0}, "hidden_size must be a positive integer, got 4096.0"),
