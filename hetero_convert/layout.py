@@ -166,13 +166,13 @@ def pipeline_split(plan: ModelPlan, pp: int, first: int | None = None, last: int
     even = [n // pp] * pp if n % pp == 0 else None
     best, best_key = None, None
     for f in ([first] if first is not None else range(1, n - pp + 2)):
-        rest, step = n - f, max(1, pp - 2)
+        rest = n - f
         if last is not None:
             lasts = [last]
         elif pp == 2:
             lasts = [rest] if rest >= 1 else []
         else:  # only the lasts that leave the middle stages a whole number of layers each, in increasing order
-            lasts = range(rest % step or step, rest - step + 1, step)
+            lasts = range(rest % (pp - 2) or pp - 2, rest - (pp - 2) + 1, pp - 2)
         for l in lasts:
             middle = rest - l
             if pp == 2:

@@ -54,7 +54,7 @@ def check_megatron_keys(reader: DCPReader, maps: list[TensorMapping], descriptio
             problems.append(f"{m.where}: '{m.megatron}' has shape {list(shape)}, the plan implies {list(m.shape)}")
         if md.properties.dtype not in dtypes.WEIGHTS:
             problems.append(f"{m.where}: '{m.megatron}' is stored as {str(md.properties.dtype)[:40]}, no dtype a "
-                            f"weight is kept in ({', '.join(str(d).replace('torch.', '') for d in dtypes.WEIGHTS)})")
+                            f"weight is kept in ({', '.join(map(dtypes.config_name, dtypes.WEIGHTS))})")
     absent = reader.missing_bytes()
     problems += [f"{m.where}: '{m.megatron}': {absent[m.megatron]}" for m in maps if m.megatron in absent]
     if description is not None:

@@ -54,7 +54,7 @@ def check_hf_sources(ckpt: HFCheckpoint, maps: list[TensorMapping], keep: bool =
         held = {k: ckpt.tensors[k].dtype for k in m.hf if k in ckpt.tensors}
         if len(set(held.values())) > 1:
             problems.append(f"{m.where}: '{m.megatron}' fuses tensors of different dtypes ("
-                            + ", ".join(f"{quoted(k)} {str(d).replace('torch.', '')}" for k, d in held.items())
+                            + ", ".join(f"{quoted(k)} {dtypes.config_name(d)}" for k, d in held.items())
                             + "): one Megatron tensor has one dtype, so choose it with --dtype")
     leftover = sorted(k for k in ckpt.tensors if k not in expected and not ignored_hf_key(k))
     for key in leftover:
