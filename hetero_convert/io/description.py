@@ -177,7 +177,7 @@ def plan_from_description(desc: dict, path: Path):
 def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
     """What the description says that the stored tensors (DCP metadata: `stored[key].size`, `.chunks`,
     `.properties.dtype`) contradict. `maps` are the plan's mappings (at TP 1)."""
-    from ..dtypes import CONFIG as DTYPES
+    from ..dtypes import CONFIG as DTYPES, config_name
     from ..layout import check_layout, padded_vocab_size
 
     problems = []
@@ -203,7 +203,7 @@ def tensor_problems(desc: dict, plan, maps, stored: dict) -> list[str]:
     held = {stored[m.megatron].properties.dtype for m in maps if m.megatron in stored}
     if held and DTYPES[desc["dtype"]] not in held:  # one of them when the source mixed dtypes (norms in fp32)
         problems.append(f"dtype is {desc['dtype']}, the stored tensors are "
-                        f"{sorted(str(d).replace('torch.', '') for d in held)}")
+                        f"{sorted(map(config_name, held))}")
     return problems
 
 
